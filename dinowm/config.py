@@ -1,0 +1,317 @@
+"""Configuration: one dataclass per TOML table, validated at load.
+
+Precedence: `--section.key value` on the command line > the TOML file > the defaults below.
+Unknown sections or keys are errors with a suggestion; values are coerced to the field's type;
+cross-field checks live in `Config.validate()`. Each component receives only its own section.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased for the user (file, key, value and what to do)."""
+
+
+@dataclass
+class DataConfig:
+    path: str = ""
+    """Dataset folder in the Franka format (SPEC §1). Relative paths are resolved from the working directory."""
+    demo_episodes: int = 0
+    """If > 0 and `path` holds no dataset, generate a simulated demo dataset of this many episodes there."""
+    demo_frames: int = 150
+    """Frames per episode of the generated demo dataset."""
+    frameskip: int = 5
+    """Temporal subsampling: a sample takes every `frameskip`-th frame; actions of the skipped steps are concatenated."""
+    num_hist: int = 3
+    """Context frames given to the predictor."""
+    num_pred: int = 1
+    """Frames predicted ahead (the target is z shifted by num_pred)."""
+    img_size: int = 224
+    """Model image size: frames are resized to this and scaled to [-1, 1]; the decoder target."""
+    proprio_start: int = 0
+    """Proprio = state[..., proprio_start:proprio_end] (default: end-effector position)."""
+    proprio_end: int = 3
+    split_ratio: float = 0.9
+    """Fraction of episodes used for training (split by episode)."""
+    split_seed: int = 42
+    """Seed of the episode permutation (the original uses 42)."""
+    normalization: str = "train"
+    """'train': z-score statistics over training episodes (valid steps, std floor 1e-6);
+    'compat': over all episodes with unbiased std, as the original code."""
+    num_workers: int = 0
+    """DataLoader worker processes (0: batches are gathered in the main process, which is fast because frames live in memory)."""
+
+
+@dataclass
+class ModelConfig:
+    encoder_weights: str = ""
+    """Path to the official `dinov2_vits14_pretrain.pth`. Empty: random encoder (a warning says so)."""
+    encoder_image_size: int = 224
+    """Encoder input size: 224 -> 16x16 patches (default), 196 -> 14x14 (the original code)."""
+    predictor: str = "vit"
+    """Predictor family: 'vit' (DINO-WM ViTPredictor)."""
+    concat_dim: int = 1
+    """1: proprio/action embeddings concatenated to every patch token; 0: as two extra tokens per frame."""
+    action_emb_dim: int = 10
+    proprio_emb_dim: int = 10
+    predictor_depth: int = 6
+    predictor_heads: int = 16
+    predictor_dim_head: int = 64
+    predictor_mlp_dim: int = 2048
+    predictor_dropout: float = 0.1
+    """Dropout on attention probabilities, attention output and MLP (SPEC §5)."""
+    predictor_emb_dropout: float = 0.0
+    attention_backend: str = "auto"
+    """auto | triton | sdpa | flex | flash | xformers | reference (see kernels.dispatch)."""
+    layernorm_linear_backend: str = "auto"
+    """auto | triton | reference."""
+    embedding_backend: str = "auto"
+    """auto | triton | reference."""
+
+
+@dataclass
+class TrainingConfig:
+    seed: int = 0
+    epochs: int = 100
+    batch_size: int = 32
+    max_steps: int = 0
+    """Stop after this many optimiser steps in total (0: no cap)."""
+    device: str = "auto"
+    """auto | cpu | cuda | cuda:N."""
+    dtype: str = "fp32"
+    """fp32 | bf16 (autocast; parameters and optimiser state stay fp32)."""
+    compile: bool = False
+    """torch.compile the predictor and decoder."""
+    feature_cache: bool = True
+    """Cache the frozen encoder's features per frame (exact: the encoder is frozen and deterministic)."""
+
+
+@dataclass
+class OptimConfig:
+    predictor_lr: float = 5e-4
+    predictor_weight_decay: float = 0.01
+    embedding_lr: float = 5e-4
+    """Action and proprio embeddings (one AdamW group)."""
+    embedding_weight_decay: float = 0.01
+    decoder_lr: float = 3e-4
+    """Decoder: Adam, no weight decay (SPEC §9)."""
+
+
+@dataclass
+class EvalConfig:
+    every_epochs: int = 1
+    """Validate every N epochs (and at the end of training)."""
+    max_batches: int = 0
+    """Validation batches per evaluation (0: the whole validation split)."""
+    rollout_episodes: int = 2
+    """Validation episodes used for the open-loop rollout metrics."""
+    rollout_horizon: int = 5
+    """Predicted steps of the open-loop rollout."""
+
+
+@dataclass
+class CheckpointConfig:
+    every_epochs: int = 1
+    """Write model_latest.pt (and model_<epoch>.pt) every N epochs; also at the end and on Ctrl-C."""
+    keep_epochs: bool = True
+    """Also keep a numbered copy per epoch (model_<epoch>.pt)."""
+
+
+@dataclass
+class LoggingConfig:
+    every_steps: int = 10
+    """Write a metrics line to metrics.jsonl every N steps."""
+    image_every_epochs: int = 1
+    """PNG grids (ground truth / reconstruction / prediction) every N epochs."""
+    tensorboard: bool = False
+    wandb: bool = False
+    wandb_project: str = "dino_wm"
+    progress_bar: bool = True
+
+
+@dataclass
+class ProfilingConfig:
+    enabled: bool = False
+    """Record a torch.profiler trace (chrome trace in <run>/profile/)."""
+    wait: int = 2
+    warmup: int = 2
+    active: int = 4
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    profiling: ProfilingConfig = field(default_factory=ProfilingConfig)
+
+    def validate(self) -> "Config":
+        d, m, t = self.data, self.model, self.training
+        _check(d.frameskip >= 1, "data.frameskip", d.frameskip, "must be >= 1")
+        _check(d.num_hist >= 1, "data.num_hist", d.num_hist, "must be >= 1")
+        _check(1 <= d.num_pred <= d.num_hist, "data.num_pred", d.num_pred, "must be between 1 and data.num_hist")
+        _check(0.0 < d.split_ratio < 1.0, "data.split_ratio", d.split_ratio, "must be in (0, 1)")
+        _check(0 <= d.proprio_start < d.proprio_end <= 22, "data.proprio_end", d.proprio_end,
+               "proprio must be a non-empty slice of the 22 state dims")
+        _check_choice("data.normalization", d.normalization, ("train", "compat"))
+        _check(d.img_size % 16 == 0, "data.img_size", d.img_size, "must be a multiple of 16 (the decoder upsamples 16x)")
+        _check(m.encoder_image_size % 14 == 0, "model.encoder_image_size", m.encoder_image_size,
+               "must be a multiple of the patch size 14 (224 -> 16x16 patches, 196 -> 14x14)")
+        _check_choice("model.predictor", m.predictor, ("vit",))
+        _check_choice("model.concat_dim", m.concat_dim, (0, 1))
+        if m.concat_dim == 0:
+            _check(m.action_emb_dim == m.proprio_emb_dim == 384, "model.action_emb_dim", m.action_emb_dim,
+                   "with concat_dim = 0 the action and proprio embeddings are tokens: both dims must be 384")
+        _check_choice("model.attention_backend", m.attention_backend,
+                      ("auto", "triton", "sdpa", "flex", "flash", "xformers", "reference"))
+        _check_choice("model.layernorm_linear_backend", m.layernorm_linear_backend, ("auto", "triton", "reference"))
+        _check_choice("model.embedding_backend", m.embedding_backend, ("auto", "triton", "reference"))
+        _check(0.0 <= m.predictor_dropout < 1.0, "model.predictor_dropout", m.predictor_dropout, "must be in [0, 1)")
+        _check_choice("training.dtype", t.dtype, ("fp32", "bf16"))
+        _check(t.batch_size >= 1, "training.batch_size", t.batch_size, "must be >= 1")
+        _check(t.epochs >= 1, "training.epochs", t.epochs, "must be >= 1")
+        _check(t.max_steps >= 0, "training.max_steps", t.max_steps, "must be >= 0 (0: no cap)")
+        _check(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"), "training.device",
+               t.device, "must be auto, cpu, cuda or cuda:N")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _check(ok: bool, key: str, value, why: str) -> None:
+    if not ok:
+        raise ConfigError(f"config: {key} = {value!r} {why}")
+
+
+def _check_choice(key: str, value, choices) -> None:
+    _check(value in choices, key, value, f"is not one of {', '.join(map(repr, choices))}")
+
+
+def _suggest(name: str, options) -> str:
+    close = difflib.get_close_matches(name, list(options), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(sorted(options))})"
+
+
+def _coerce(value, typ, key: str):
+    """Coerce a TOML or command-line value to a field type (bool, int, float, str)."""
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+    elif typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+    elif typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif typ is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"config: {key} = {value!r} is not a valid {typ.__name__}")
+
+
+def _section_types(section_cls) -> dict:
+    hints = typing.get_type_hints(section_cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(section_cls)}
+
+
+def apply_values(cfg: Config, values: dict, source: str) -> None:
+    """Set `values` ({section: {key: value}}) on cfg, rejecting unknown sections/keys with a suggestion."""
+    sections = {f.name: f for f in dataclasses.fields(Config)}
+    for section_name, table in values.items():
+        if section_name not in sections:
+            raise ConfigError(f"{source}: unknown section [{section_name}]{_suggest(section_name, sections)}")
+        if not isinstance(table, dict):
+            raise ConfigError(f"{source}: [{section_name}] must be a table of key = value")
+        section = getattr(cfg, section_name)
+        types = _section_types(type(section))
+        for key, value in table.items():
+            if key not in types:
+                raise ConfigError(f"{source}: unknown key {section_name}.{key}{_suggest(key, types)}")
+            setattr(section, key, _coerce(value, types[key], f"{source}: {section_name}.{key}"))
+
+
+def resolve_config_path(name: str | Path) -> Path:
+    """A path as given, or a bare name looked up in configs/ (with or without .toml)."""
+    path = Path(name)
+    if path.exists():
+        return path
+    for candidate in (CONFIG_DIR / path.name, CONFIG_DIR / f"{path.name}.toml"):
+        if candidate.exists():
+            return candidate
+    known = sorted(p.name for p in CONFIG_DIR.glob("*.toml"))
+    raise ConfigError(f"config file {str(name)!r} not found (looked here and in {CONFIG_DIR}; known: {', '.join(known)})")
+
+
+def parse_overrides(args: list[str]) -> dict:
+    """['--data.frameskip', '3', '--training.compile=true'] -> {'data': {'frameskip': '3'}, 'training': {...}}."""
+    values: dict = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or "." not in arg:
+            raise ConfigError(f"command line: expected --section.key value, got {arg!r}")
+        key = arg[2:]
+        if "=" in key:
+            key, value = key.split("=", 1)
+        else:
+            if i + 1 >= len(args):
+                raise ConfigError(f"command line: {arg} needs a value")
+            value = args[i + 1]
+            i += 1
+        section, _, name = key.partition(".")
+        values.setdefault(section, {})[name] = value
+        i += 1
+    return values
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> Config:
+    """Defaults < TOML file < overrides; validated."""
+    cfg = Config()
+    if path is not None:
+        file = resolve_config_path(path)
+        try:
+            with open(file, "rb") as f:
+                apply_values(cfg, tomllib.load(f), str(file))
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{file}: invalid TOML: {e}") from None
+    if overrides:
+        values = parse_overrides(overrides) if isinstance(overrides, list) else overrides
+        apply_values(cfg, values, "command line")
+    return cfg.validate()
+
+
+def config_from_dict(values: dict) -> Config:
+    """Rebuild a Config saved with `Config.to_dict()` (e.g. from a checkpoint)."""
+    cfg = Config()
+    apply_values(cfg, values, "checkpoint config")
+    return cfg.validate()
