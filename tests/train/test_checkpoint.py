@@ -1,0 +1,42 @@
+import os
+import random
+
+import pytest
+import torch
+
+from dinowm.checkpoint import CheckpointError, atomic_save, capture_rng_state, load_checkpoint, restore_rng_state
+
+
+def test_atomic_save_leaves_old_file_intact_on_failure(tmp_path):
+    path = tmp_path / "model_latest.pt"
+    atomic_save({"format": "dinowm/1", "x": torch.arange(3)}, path)
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        atomic_save({"format": "dinowm/1", "x": Unpicklable()}, path)
+    assert torch.equal(load_checkpoint(path)["x"], torch.arange(3))
+    assert os.listdir(tmp_path) == ["model_latest.pt"]  # no temporary file left behind
+
+
+def test_load_checkpoint_errors_name_the_file(tmp_path):
+    with pytest.raises(CheckpointError, match="no checkpoint here"):
+        load_checkpoint(tmp_path)
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="garbage.pt: cannot be read"):
+        load_checkpoint(garbage)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"epoch": 3, "predictor": None}, foreign)
+    with pytest.raises(CheckpointError, match="import-dino-wm"):
+        load_checkpoint(foreign)
+
+
+def test_rng_state_round_trip():
+    state = capture_rng_state()
+    expected = (random.random(), torch.rand(3))
+    restore_rng_state(state)
+    assert random.random() == expected[0]
+    assert torch.equal(torch.rand(3), expected[1])
