@@ -1,0 +1,111 @@
+"""DINO-WM predictor (`ViTPredictor`, SPEC §5): a pre-norm ViT over a frame-major token sequence
+with a frame-block-causal mask.
+
+    x: (B, F*P, dim), F <= num_frames frames of P = num_patches tokens each, frame-major
+    x = x + pos_embedding[:, :F*P]                         learned, (1, num_frames*P, dim), N(0, 1) init
+    x = dropout_emb(x)
+    depth x:
+        h = LN(x) @ W_qkv                                   (no bias; dim -> 3 * heads * dim_head)
+        a = softmax(q k^T / sqrt(dim_head) + mask) v        mask: token i sees j iff frame(j) <= frame(i)
+        x = x + dropout(a @ W_out + b_out)                  (heads * dim_head -> dim)
+        x = x + dropout(W2 dropout(GELU(LN(x) @ W1 + b1)) + b2)
+    x = LN(x)                                               (eps 1e-5)
+
+Kernels: LN -> Linear pairs go through `kernels.layernorm_linear`, attention through
+`kernels.block_causal_attention` (attention-probability dropout inside). Backends are options; the
+fp32 "reference model" of parity tests is this model with backend "reference".
+
+State-dict keys are exactly those of the original (SPEC §10): `pos_embedding`,
+`transformer.layers.{i}.0.{norm, to_qkv, to_out.0}`, `transformer.layers.{i}.1.net.{0 (LN), 1, 4}`,
+`transformer.norm`; an original checkpoint loads with `load_state_dict` directly.
+Parameters at 196 patches, 3 frames, dim 404 (defaults): 20,122,600.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import kernels
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int, dim_head: int, dropout: float, backend: str, ln_backend: str):
+        super().__init__()
+        inner = heads * dim_head
+        self.heads = heads
+        self.scale = dim_head ** -0.5
+        self.dropout = dropout
+        self.backend = backend
+        self.ln_backend = ln_backend
+        self.norm = nn.LayerNorm(dim)
+        self.to_qkv = nn.Linear(dim, 3 * inner, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(inner, dim), nn.Dropout(dropout))
+
+    def forward(self, x: torch.Tensor, frame_ids: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        qkv = kernels.layernorm_linear(x, self.norm.weight, self.norm.bias, self.to_qkv.weight, None,
+                                       self.norm.eps, backend=self.ln_backend)  # (B, N, 3 * H * Dh)
+        q, k, v = qkv.view(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, N, Dh)
+        out = kernels.block_causal_attention(q, k, v, frame_ids, scale=self.scale,
+                                             dropout_p=self.dropout if self.training else 0.0,
+                                             backend=self.backend)  # (B, H, N, Dh)
+        out = out.transpose(1, 2).reshape(b, n, -1)  # (B, N, H * Dh)
+        return self.to_out(out)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden: int, dropout: float, ln_backend: str):
+        super().__init__()
+        self.ln_backend = ln_backend
+        # the original's Sequential(LN, Linear, GELU, Dropout, Linear, Dropout): keys net.0, net.1, net.4
+        self.net = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout),
+                                 nn.Linear(hidden, dim), nn.Dropout(dropout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        norm, fc1, act, drop1, fc2, drop2 = self.net
+        h = kernels.layernorm_linear(x, norm.weight, norm.bias, fc1.weight, fc1.bias, norm.eps,
+                                     backend=self.ln_backend)  # (B, N, hidden)
+        return drop2(fc2(drop1(act(h))))
+
+
+class Transformer(nn.Module):
+    def __init__(self, dim, depth, heads, dim_head, mlp_dim, dropout, backend, ln_backend):
+        super().__init__()
+        self.layers = nn.ModuleList([
+            nn.ModuleList([Attention(dim, heads, dim_head, dropout, backend, ln_backend),
+                           FeedForward(dim, mlp_dim, dropout, ln_backend)])
+            for _ in range(depth)
+        ])
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor, frame_ids: torch.Tensor) -> torch.Tensor:
+        for attn, ff in self.layers:
+            x = x + attn(x, frame_ids)
+            x = x + ff(x)
+        return self.norm(x)
+
+
+class ViTPredictor(nn.Module):
+    """x: (B, F*num_patches, dim), F <= num_frames, frame-major -> same shape."""
+
+    def __init__(self, num_patches: int, num_frames: int, dim: int = 404, depth: int = 6, heads: int = 16,
+                 dim_head: int = 64, mlp_dim: int = 2048, dropout: float = 0.1, emb_dropout: float = 0.0,
+                 attention_backend: str = "auto", layernorm_linear_backend: str = "auto"):
+        super().__init__()
+        self.num_patches = num_patches
+        self.num_frames = num_frames
+        self.dim = dim
+        self.pos_embedding = nn.Parameter(torch.randn(1, num_frames * num_patches, dim))
+        self.dropout = nn.Dropout(emb_dropout)
+        self.transformer = Transformer(dim, depth, heads, dim_head, mlp_dim, dropout,
+                                       attention_backend, layernorm_linear_backend)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        if n % self.num_patches != 0 or n > self.pos_embedding.shape[1] or d != self.dim:
+            raise ValueError(f"ViTPredictor: input (B, N, D) = {tuple(x.shape)} must have D = {self.dim} and "
+                             f"N a multiple of num_patches {self.num_patches}, at most {self.num_frames} frames")
+        frame_ids = kernels.frame_ids_for(n // self.num_patches, self.num_patches, device=x.device)  # (N,)
+        x = self.dropout(x + self.pos_embedding[:, :n])
+        return self.transformer(x, frame_ids)
