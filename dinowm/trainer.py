@@ -16,6 +16,7 @@ import math
 import signal
 import threading
 import time
+import warnings
 from collections import defaultdict
 from pathlib import Path
 
@@ -29,10 +30,8 @@ from dinowm.checkpoint import (
     restore_rng_state,
 )
 from dinowm.config import Config
-from dinowm.data import build_data, make_loader
+from dinowm.data import DatasetError, FrameWindows, build_data, make_loader, preprocess_images
 from dinowm.data.normalize import NormStats
-from dinowm.data.transforms import preprocess_images
-from dinowm.data.windows import FrameWindows
 from dinowm.metrics import MetricSink, StepTimer, count_step_flops, maybe_profile, psnr, ssim
 from dinowm.models.world_model import build_world_model
 from dinowm.visualize import save_grid
@@ -296,15 +295,16 @@ class Trainer:
         episodes = self.data.val_ids[: cfg.eval.rollout_episodes]
         if not episodes or horizon < 1:
             return {}
-        windows = FrameWindows(self.data.dataset, episodes, num_frames=num_hist + horizon,
-                               frameskip=cfg.data.frameskip, stats=self.data.stats,
-                               proprio_slice=self.data.proprio_slice)
-        if len(windows) == 0:
-            log.warning("validation episodes are too short for a rollout of %d steps; skipping rollout metrics", horizon)
+        try:
+            with warnings.catch_warnings():  # episodes too short for this horizon are simply not rolled out
+                warnings.simplefilter("ignore")
+                windows = FrameWindows(self.data.dataset, episodes, num_frames=num_hist + horizon,
+                                       frameskip=cfg.data.frameskip, stats=self.data.stats,
+                                       proprio_slice=self.data.proprio_slice)
+        except DatasetError:
+            log.warning("validation episodes are too short for a rollout of %d steps; no rollout metrics", horizon)
             return {}
-        # the first window of each episode (windows are ordered by episode, then start)
-        starts = [i for i in range(len(windows)) if int(windows[i]["start"]) == 0]
-        batch = windows.batch(torch.tensor(starts))
+        batch = windows.batch(torch.nonzero(windows.sample_start == 0)[:, 0])  # each episode from its start
         inputs = self._inputs(batch)
         self.model.eval()
         with self._autocast():
@@ -314,15 +314,14 @@ class Trainer:
             truth = self.model.embed(visual, inputs["proprio"], inputs["action"])  # (B, T, P, 404)
             rolled = self.model.rollout(inputs["obs"][:, :num_hist], inputs["proprio"][:, :num_hist],
                                         inputs["action"], visual0=visual[:, :num_hist])["z"]
-            decoded = self.model.decode(rolled[:, num_hist:])  # (B, H, 3, S, S)
-        dv = visual.shape[-1]
-        dp = self.cfg.model.proprio_emb_dim
+            decoded = self.model.decode(rolled[:, num_hist:], size=inputs["obs"].shape[-1])  # (B, H, 3, S, S)
+        pred_visual, pred_proprio, _ = self.model.split(rolled.float())
+        true_visual, true_proprio, _ = self.model.split(truth.float())
         results = {}
         for h in range(horizon):
-            pred, gt = rolled[:, num_hist + h].float(), truth[:, num_hist + h].float()
-            target = inputs["obs"][:, num_hist + h]
-            results[f"rollout_h{h + 1}_z_visual_err"] = float((pred[..., :dv] - gt[..., :dv]).pow(2).mean())
-            results[f"rollout_h{h + 1}_z_proprio_err"] = float((pred[..., dv:dv + dp] - gt[..., dv:dv + dp]).pow(2).mean())
+            t, target = num_hist + h, inputs["obs"][:, num_hist + h]
+            results[f"rollout_h{h + 1}_z_visual_err"] = float((pred_visual[:, t] - true_visual[:, t]).pow(2).mean())
+            results[f"rollout_h{h + 1}_z_proprio_err"] = float((pred_proprio[:, t] - true_proprio[:, t]).pow(2).mean())
             results[f"rollout_h{h + 1}_psnr"] = float(psnr(decoded[:, h], target).mean())
             results[f"rollout_h{h + 1}_ssim"] = float(ssim(decoded[:, h], target).mean())
         for key in ("z_visual_err", "z_proprio_err", "psnr", "ssim"):
