@@ -1,0 +1,299 @@
+"""Importer for original DINO-WM checkpoints (SPEC §10), without the original code installed.
+
+    python -m dinowm.compat import-dino-wm model_latest.pth --out converted.pt
+
+An original `model_latest.pth` / `model_<epoch>.pth` is a `torch.save` of a dict of WHOLE pickled
+modules: `epoch`, `predictor` (models.vit.ViTPredictor), `predictor_optimizer`, `decoder`
+(models.vqvae.VQVAE), `decoder_optimizer`, `action_encoder`, `proprio_encoder`
+(models.proprio.ProprioceptiveEmbedding), and `encoder` (models.dino.DinoV2Encoder) only when a run
+trained it. Unpickling normally needs the original classes. We load it with a restricted unpickler
+instead: `find_class` maps
+
+    the original classes (models.vit.*, models.vqvae.*, models.proprio.*, models.dino.*, dinov2.*)
+    and torch.nn module classes                     -> _ModuleStandIn  (collects _parameters/_buffers/_modules)
+    torch optimiser classes                         -> _OptimizerStandIn (collects its state)
+    tensor rebuild functions, dtypes, containers    -> the real, harmless objects
+    anything else                                   -> an error naming the class path
+
+so no code of the checkpoint runs. The state dicts are rebuilt from the stand-ins (non-persistent
+buffers and plain tensor attributes, like the original's CUDA attention mask, are dropped).
+
+Output (our checkpoint format; the trainer loads "model" with `load_state_dict(strict=False)`;
+encoder keys are absent unless the original trained the encoder):
+
+    {"format": "dinowm/1", "source": str, "epoch": int,
+     "model": {"predictor.<key>": t, "decoder.<key>": t, "action_encoder.patch_embed.weight": t, ...},
+     "inferred": {"num_patches", "num_frames", "dim", "action_in", "proprio_in", "action_emb_dim",
+                  "proprio_emb_dim", "concat_dim", "depth", "inner_dim", "mlp_dim", "decoder_n_embed"}}
+
+written atomically (a temporary file, then os.replace).
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import copyreg
+import importlib
+import math
+import os
+import pickle
+import sys
+import types
+from pathlib import Path
+
+import torch
+
+FORMAT = "dinowm/1"
+REQUIRED_ENTRIES = ("epoch", "predictor", "action_encoder", "proprio_encoder")
+MODEL_ENTRIES = ("predictor", "decoder", "action_encoder", "proprio_encoder", "encoder")
+VISUAL_DIM = 384
+
+# the original code's classes (gaoyuezhou/dino_wm), nested classes included
+ORIGINAL_CLASSES = frozenset({
+    "models.vit.ViTPredictor", "models.vit.Transformer", "models.vit.Attention", "models.vit.FeedForward",
+    "models.vqvae.VQVAE", "models.vqvae.Encoder", "models.vqvae.Decoder", "models.vqvae.ResBlock",
+    "models.vqvae.Quantize",
+    "models.proprio.ProprioceptiveEmbedding",
+    "models.dino.DinoV2Encoder",
+})
+
+
+class CompatError(ValueError):
+    """A checkpoint that cannot be imported; the message is one line naming the file."""
+
+
+class _UnknownClass(Exception):
+    def __init__(self, path: str):
+        super().__init__(path)
+        self.path = path
+
+
+# ----------------------------------------------------------------------------------------------
+# stand-ins and the restricted unpickler
+# ----------------------------------------------------------------------------------------------
+class _StandIn:
+    class_path = "?"
+
+    def __setstate__(self, state):
+        if isinstance(state, tuple):  # (dict state, slots state)
+            state = {k: v for part in state if isinstance(part, dict) for k, v in part.items()}
+        self.__dict__.update(state)
+
+    def __repr__(self):
+        return f"<stand-in for {self.class_path}>"
+
+
+class _ModuleStandIn(_StandIn):
+    """Holds what an nn.Module pickles: _parameters, _buffers, _modules, ..."""
+
+
+class _OptimizerStandIn(_StandIn):
+    """Holds what a torch optimiser pickles: defaults, state, param_groups."""
+
+
+_STAND_INS: dict[str, type] = {}
+
+
+def _stand_in(path: str, base: type) -> type:
+    if path not in _STAND_INS:
+        _STAND_INS[path] = type(path.rsplit(".", 1)[-1], (base,), {"class_path": path})
+    return _STAND_INS[path]
+
+
+_SAFE_GLOBALS = {
+    "collections.OrderedDict": collections.OrderedDict,
+    "collections.defaultdict": collections.defaultdict,
+    "copyreg._reconstructor": copyreg._reconstructor,
+    "torch._utils._rebuild_tensor": torch._utils._rebuild_tensor,
+    "torch._utils._rebuild_tensor_v2": torch._utils._rebuild_tensor_v2,
+    "torch._utils._rebuild_parameter": torch._utils._rebuild_parameter,
+    "torch._utils._rebuild_parameter_with_state": torch._utils._rebuild_parameter_with_state,
+    "torch._tensor._rebuild_from_type_v2": torch._tensor._rebuild_from_type_v2,
+    "torch.nn.parameter.Parameter": torch.nn.Parameter,
+    "torch.Size": torch.Size,
+    "torch.device": torch.device,
+    "torch.Tensor": torch.Tensor,
+}
+_SAFE_GLOBALS.update({f"builtins.{t.__name__}": t for t in (
+    dict, list, set, frozenset, tuple, int, float, bool, str, bytes, bytearray, complex, slice, object)})
+
+
+def _torch_class(module: str, name: str):
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return None
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        path = f"{module}.{name}"
+        if path in _SAFE_GLOBALS:
+            return _SAFE_GLOBALS[path]
+        if path in ORIGINAL_CLASSES or module.startswith("dinov2."):
+            return _stand_in(path, _ModuleStandIn)
+        if module.startswith("torch.nn.modules."):
+            cls = _torch_class(module, name)
+            if isinstance(cls, type) and issubclass(cls, torch.nn.Module):
+                return _stand_in(path, _ModuleStandIn)
+        if module.startswith("torch.optim."):
+            cls = _torch_class(module, name)
+            if isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer):
+                return _stand_in(path, _OptimizerStandIn)
+        if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout,
+                                                                          torch.memory_format)):
+            return getattr(torch, name)
+        raise _UnknownClass(path)
+
+
+_restricted_pickle = types.ModuleType("dinowm_restricted_pickle")
+_restricted_pickle.Unpickler = _RestrictedUnpickler
+_restricted_pickle.load = pickle.load  # legacy format: magic number and headers only
+_restricted_pickle.__name__ = "dinowm_restricted_pickle"
+
+
+# ----------------------------------------------------------------------------------------------
+# state dicts from stand-ins
+# ----------------------------------------------------------------------------------------------
+def _state_dict(module, prefix: str = "") -> dict:
+    """The state dict nn.Module.state_dict() would give, rebuilt from a stand-in's pickled fields."""
+    if not isinstance(module, _ModuleStandIn):
+        raise TypeError(f"{prefix or 'entry'} is a {type(module).__name__}, not a module")
+    out = {}
+    for name, p in (module.__dict__.get("_parameters") or {}).items():
+        if p is not None:
+            out[prefix + name] = p.detach()
+    skip = module.__dict__.get("_non_persistent_buffers_set") or set()
+    for name, b in (module.__dict__.get("_buffers") or {}).items():
+        if b is not None and name not in skip:
+            out[prefix + name] = b.detach()
+    for name, child in (module.__dict__.get("_modules") or {}).items():
+        if child is not None:
+            out.update(_state_dict(child, f"{prefix}{name}."))
+    return out
+
+
+def _infer(model: dict, num_frames: int | None) -> dict:
+    """Model hyper-parameters from the tensor shapes (SPEC §10)."""
+    pos = model["predictor.pos_embedding"]  # (1, F * P, D)
+    tokens, dim = pos.shape[1], pos.shape[2]
+    action_w = model["action_encoder.patch_embed.weight"]  # (Ea, Da, 1)
+    proprio_w = model["proprio_encoder.patch_embed.weight"]  # (Ep, Dp, 1)
+    ea, ep = action_w.shape[0], proprio_w.shape[0]
+    concat_dim = 1 if dim == VISUAL_DIM + ea + ep else 0
+    extra = 2 if concat_dim == 0 else 0  # two conditioning tokens per frame with concat_dim 0
+
+    def square(n):
+        return n > 0 and math.isqrt(n) ** 2 == n
+
+    if num_frames is None:
+        # the original does not store num_hist; take the fewest frames that leave a square patch grid
+        candidates = [f for f in range(1, tokens + 1) if tokens % f == 0 and square(tokens // f - extra)]
+        if not candidates:
+            raise ValueError(f"predictor.pos_embedding {tuple(pos.shape)}: no frame count gives a square patch grid")
+        num_frames = candidates[0]
+    if tokens % num_frames:
+        raise ValueError(f"predictor.pos_embedding has {tokens} tokens, not a multiple of num_frames {num_frames}")
+    depth = len({k.split(".")[3] for k in model if k.startswith("predictor.transformer.layers.")})
+    inferred = {
+        "num_patches": tokens // num_frames - extra,
+        "num_frames": num_frames,
+        "dim": dim,
+        "action_in": action_w.shape[1],
+        "proprio_in": proprio_w.shape[1],
+        "action_emb_dim": ea,
+        "proprio_emb_dim": ep,
+        "concat_dim": concat_dim,
+        "depth": depth,
+        "inner_dim": model["predictor.transformer.layers.0.0.to_qkv.weight"].shape[0] // 3 if depth else 0,
+        "mlp_dim": model["predictor.transformer.layers.0.1.net.1.weight"].shape[0] if depth else 0,
+    }
+    if "decoder.quantize_b.embed" in model:
+        inferred["decoder_n_embed"] = model["decoder.quantize_b.embed"].shape[1]
+    return inferred
+
+
+# ----------------------------------------------------------------------------------------------
+# public API
+# ----------------------------------------------------------------------------------------------
+def import_dino_wm_checkpoint(path, num_frames: int | None = None) -> dict:
+    """Read an original DINO-WM checkpoint into our format (see the module docstring).
+
+    num_frames: the predictor's frame count (num_hist, 3 in the original); None infers it as the
+    smallest count that leaves a square patch grid. Raises CompatError with one line naming the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CompatError(f"{path}: no such file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_restricted_pickle)
+    except _UnknownClass as e:
+        raise CompatError(f"{path}: unknown class {e.path!r} in the checkpoint (not a DINO-WM "
+                          "ViTPredictor/VQVAE/ProprioceptiveEmbedding checkpoint?); refusing to load it") from None
+    except Exception as e:  # noqa: BLE001 - anything torch/pickle raise means: not a checkpoint
+        raise CompatError(f"{path}: not a DINO-WM checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    if not isinstance(ckpt, dict):
+        raise CompatError(f"{path}: not a DINO-WM checkpoint (a {type(ckpt).__name__}, expected a dict of modules)")
+    missing = [k for k in REQUIRED_ENTRIES if k not in ckpt]
+    if missing:
+        raise CompatError(f"{path}: not a DINO-WM checkpoint: missing entries {', '.join(missing)} "
+                          f"(has: {', '.join(map(str, ckpt)) or 'nothing'})")
+    model = {}
+    for entry in MODEL_ENTRIES:
+        if entry not in ckpt:
+            continue
+        if not isinstance(ckpt[entry], _ModuleStandIn):
+            raise CompatError(f"{path}: entry {entry!r} is a {type(ckpt[entry]).__name__}, not a pickled module")
+        state = _state_dict(ckpt[entry])
+        if entry == "encoder":  # models.dino.DinoV2Encoder: base_model.<official DINOv2 keys>
+            state = {k.removeprefix("base_model."): v for k, v in state.items()}
+        model.update({f"{entry}.{k}": v for k, v in state.items()})
+    try:
+        inferred = _infer(model, num_frames)
+    except (KeyError, ValueError) as e:
+        raise CompatError(f"{path}: unexpected DINO-WM model layout ({type(e).__name__}: {e})") from None
+    epoch = ckpt["epoch"]
+    return {
+        "format": FORMAT,
+        "source": str(path),
+        "epoch": int(epoch.item() if isinstance(epoch, torch.Tensor) else epoch),
+        "model": model,
+        "inferred": inferred,
+    }
+
+
+def save_atomic(obj, out) -> None:
+    """torch.save to a temporary file beside `out`, then os.replace (never a half-written file)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dinowm.compat", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    imp = sub.add_parser("import-dino-wm", help="convert an original DINO-WM model_*.pth into our format")
+    imp.add_argument("checkpoint", help="original model_latest.pth / model_<epoch>.pth")
+    imp.add_argument("--out", required=True, help="output file (our format, e.g. converted.pt)")
+    imp.add_argument("--num-frames", type=int, default=None, help="predictor frames (num_hist); default: inferred")
+    args = parser.parse_args(argv)
+    try:
+        ckpt = import_dino_wm_checkpoint(args.checkpoint, num_frames=args.num_frames)
+        save_atomic(ckpt, args.out)
+    except (CompatError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    n = sum(t.numel() for t in ckpt["model"].values())
+    print(f"{args.checkpoint} -> {args.out}: epoch {ckpt['epoch']}, {len(ckpt['model'])} tensors, {n:,} values; "
+          f"inferred {ckpt['inferred']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
