@@ -58,7 +58,7 @@ def build_data(cfg: DataConfig, stats: NormStats | None = None) -> DataBundle:
 
     num_frames = cfg.num_hist + cfg.num_pred
     train = FrameWindows(ds, train_ids, num_frames, cfg.frameskip, stats, proprio_slice)
-    val = FrameWindows(ds, val_ids, num_frames, cfg.frameskip, stats, proprio_slice)
+    val = FrameWindows(ds, val_ids, num_frames, cfg.frameskip, stats, proprio_slice, allow_empty=True)
     logger.info("data %s: %d episodes (%d train / %d val), %d / %d samples of %d frames (frameskip %d), frames %s",
                 root, ds.num_episodes, len(train_ids), len(val_ids), len(train), len(val), num_frames,
                 cfg.frameskip, ds.image_size)

@@ -40,11 +40,13 @@ class FrameWindows(Dataset):
 
     Samples are ordered by episode (in `episode_ids` order), then by start. Episodes shorter than
     num_frames * frameskip give no sample; they are reported with a warning and counted in
-    `short_episodes` (an error if no episode is usable at all).
+    `short_episodes`. If no episode is usable at all that is a DatasetError naming the minimum length,
+    unless `allow_empty` (then a warning and len 0: e.g. a validation split or rollout windows with a
+    long horizon that must not stop training).
     """
 
     def __init__(self, ds: FrankaDataset, episode_ids, num_frames: int, frameskip: int, stats: NormStats,
-                 proprio_slice: slice):
+                 proprio_slice: slice, allow_empty: bool = False):
         if num_frames < 1 or frameskip < 1:
             raise ValueError(f"num_frames ({num_frames}) and frameskip ({frameskip}) must be >= 1")
         self.ds = ds
@@ -67,7 +69,7 @@ class FrameWindows(Dataset):
         counts = (lengths - self.span + 1).clamp_min(0)  # samples per episode
         self.samples_per_episode = counts.tolist()
         self.short_episodes = [e for e, c in zip(self.episode_ids, self.samples_per_episode) if c == 0]
-        if self.episode_ids and len(self.short_episodes) == len(self.episode_ids):
+        if self.episode_ids and len(self.short_episodes) == len(self.episode_ids) and not allow_empty:
             raise DatasetError(
                 f"{ds.root}: no episode is long enough for one sample: a sample needs num_frames * frameskip = "
                 f"{num_frames} * {frameskip} = {self.span} valid steps, the longest of episodes {self.episode_ids} "

@@ -73,7 +73,8 @@ def franka_dataset(tmp_path) -> Path:
 
 @pytest.fixture
 def make_franka_dataset(tmp_path):
-    """Factory: make_franka_dataset(name="dset", lengths=..., t_max=..., hw=...) -> root in tmp_path."""
+    """Factory: make_franka_dataset(name="dset", lengths=..., t_max=..., hw=...) -> root (tmp_path / name;
+    an absolute name is used as is)."""
     def make(name: str = "dset", **kwargs) -> Path:
         return write_franka_dataset(tmp_path / name, **kwargs)
     return make

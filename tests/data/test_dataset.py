@@ -1,0 +1,253 @@
+"""Loading and validation of the Franka dataset format (SPEC §1), and build_data."""
+from __future__ import annotations
+
+import pickle
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from dinowm.config import DataConfig
+from dinowm.data import DataBundle, build_data
+from dinowm.data.dataset import DatasetError, load_franka_dataset
+
+
+
+def test_load_valid_dataset(franka_dataset):
+    ds = load_franka_dataset(franka_dataset)
+    assert ds.num_episodes == 3
+    assert ds.seq_lengths == [12, 9, 15]
+    assert ds.states.shape == (3, 15, 22) and ds.states.dtype == torch.float32
+    assert ds.actions.shape == (3, 15, 9) and ds.actions.dtype == torch.float32
+    assert ds.metadata == {"fps": 10, "camera": "front"}
+    assert ds.frame_offsets.tolist() == [0, 12, 21, 36] and ds.frame_offsets.dtype == torch.int64
+    assert ds.frames.shape == (36, 32, 32, 3) and ds.frames.dtype == torch.uint8
+    for e in range(3):
+        on_disk = torch.load(franka_dataset / f"{e:06d}" / "obses.pth")
+        assert torch.equal(ds.frames[ds.frame_offsets[e] : ds.frame_offsets[e + 1]], on_disk)
+        assert torch.equal(ds.episode_frames(e), on_disk)
+        assert (ds.episode_frames(e)[:, 0, 0, 0] == e + 1).all()  # the fixture's encoding
+
+
+def test_frames_are_one_tensor_not_copies(franka_dataset):
+    ds = load_franka_dataset(franka_dataset)
+    assert ds.episode_frames(1).data_ptr() == ds.frames[12].data_ptr()  # a view, held once
+
+
+def test_load_without_frames(franka_dataset):
+    ds = load_franka_dataset(franka_dataset, load_frames=False)
+    assert ds.frames is None and ds.frame_offsets.tolist() == [0, 12, 21, 36]
+
+
+def test_non_square_frames_and_padding_values_are_accepted(make_franka_dataset):
+    root = make_franka_dataset(lengths=(5, 7), t_max=10, hw=(8, 12))
+    states = torch.load(root / "states.pth")
+    states[0, 5:] = float("nan")  # padding may hold anything
+    torch.save(states, root / "states.pth")
+    ds = load_franka_dataset(root)
+    assert ds.frames.shape == (12, 8, 12, 3) and ds.states.shape == (2, 10, 22)
+
+
+def test_seq_lengths_numpy_ints_accepted(make_franka_dataset):
+    root = make_franka_dataset(lengths=(5, 7))
+    with open(root / "seq_lengths.pkl", "wb") as f:
+        pickle.dump([np.int64(5), np.int64(7)], f)
+    assert load_franka_dataset(root).seq_lengths == [5, 7]
+
+
+# ----------------------------------------------------------------------------------------------
+# every validation error: (mutation of a valid 3-episode dataset (12, 9, 15 steps), file named, words)
+
+
+def _save(root, name, obj):
+    torch.save(obj, root / name)
+
+
+def _pickle(root, name, obj):
+    with open(root / name, "wb") as f:
+        pickle.dump(obj, f)
+
+
+def _garbage(root, name):
+    (root / name).write_bytes(b"\x00not a torch or pickle file\xff" * 7)
+
+
+def _truncate(root, name):
+    data = (root / name).read_bytes()
+    (root / name).write_bytes(data[: len(data) // 2])
+
+
+def _with_states(root, fn):
+    s = torch.load(root / "states.pth")
+    _save(root, "states.pth", fn(s))
+
+
+def _with_actions(root, fn):
+    a = torch.load(root / "actions.pth")
+    _save(root, "actions.pth", fn(a))
+
+
+def _obses(root, e):
+    return torch.load(root / f"{e:06d}" / "obses.pth")
+
+
+def _set(x, index, value):
+    x[index] = value
+    return x
+
+
+CASES = {
+    "missing states": (lambda r: (r / "states.pth").unlink(), "states.pth", "missing"),
+    "missing actions": (lambda r: (r / "actions.pth").unlink(), "actions.pth", "missing"),
+    "missing seq_lengths": (lambda r: (r / "seq_lengths.pkl").unlink(), "seq_lengths.pkl", "missing"),
+    "missing metadata": (lambda r: (r / "metadata.pkl").unlink(), "metadata.pkl", "missing"),
+    "missing obses": (lambda r: (r / "000001" / "obses.pth").unlink(), "000001/obses.pth", "missing"),
+    "missing episode folder": (lambda r: [p.unlink() for p in (r / "000002").iterdir()] and (r / "000002").rmdir(),
+                               "000002/obses.pth", "missing"),
+    "states rank 2": (lambda r: _with_states(r, lambda s: s[..., 0]), "states.pth", "(N_episodes, T_max, 22)"),
+    "states 21 dims": (lambda r: _with_states(r, lambda s: s[..., :21]), "states.pth", "(N_episodes, T_max, 22)"),
+    "states not a tensor": (lambda r: _save(r, "states.pth", {"states": torch.zeros(3, 15, 22)}), "states.pth",
+                            "expected a tensor"),
+    "states bool dtype": (lambda r: _with_states(r, lambda s: s > 0), "states.pth", "float32"),
+    "actions 8 dims": (lambda r: _with_actions(r, lambda a: a[..., :8]), "actions.pth", "(N_episodes, T_max, 9)"),
+    "actions rank 4": (lambda r: _with_actions(r, lambda a: a[None]), "actions.pth", "(N_episodes, T_max, 9)"),
+    "actions other N": (lambda r: _with_actions(r, lambda a: a[:2]), "actions.pth", "does not match states"),
+    "actions other T": (lambda r: _with_actions(r, lambda a: a[:, :14]), "actions.pth", "does not match states"),
+    "seq_lengths not a list": (lambda r: _pickle(r, "seq_lengths.pkl", {"0": 12}), "seq_lengths.pkl", "list of ints"),
+    "seq_lengths floats": (lambda r: _pickle(r, "seq_lengths.pkl", [12.0, 9.0, 15.0]), "seq_lengths.pkl", "list of ints"),
+    "seq_lengths longer": (lambda r: _pickle(r, "seq_lengths.pkl", [12, 9, 15, 4]), "seq_lengths.pkl", "longer than states"),
+    "seq_lengths shorter": (lambda r: _pickle(r, "seq_lengths.pkl", [12, 9]), "seq_lengths.pkl", "shorter than states"),
+    "length > T_max": (lambda r: _pickle(r, "seq_lengths.pkl", [12, 16, 15]), "seq_lengths.pkl", "outside [1, T_max = 15]"),
+    "length 0": (lambda r: _pickle(r, "seq_lengths.pkl", [12, 0, 15]), "seq_lengths.pkl", "outside [1, T_max = 15]"),
+    "metadata not a dict": (lambda r: _pickle(r, "metadata.pkl", ["fps", 10]), "metadata.pkl", "expected a dict"),
+    "nan in states": (lambda r: _with_states(r, lambda s: _set(s, (1, 8, 4), float("nan"))), "states.pth",
+                      "episode 1, step 8, dim 4"),
+    "inf in actions": (lambda r: _with_actions(r, lambda a: _set(a, (2, 0, 8), float("inf"))), "actions.pth",
+                       "episode 2, step 0, dim 8"),
+    "obses too few frames": (lambda r: _save(r, "000001/obses.pth", _obses(r, 1)[:8]),
+                             "000001/obses.pth", "8 frames but seq_lengths.pkl says episode 1 has 9"),
+    "obses too many frames": (lambda r: _save(r, "000000/obses.pth", _obses(r, 0)[[*range(12), 0]]),
+                              "000000/obses.pth", "13 frames"),
+    "obses float": (lambda r: _save(r, "000001/obses.pth", _obses(r, 1).float() / 255),
+                    "000001/obses.pth", "uint8"),
+    "obses channels first": (lambda r: _save(r, "000001/obses.pth", _obses(r, 1).permute(0, 3, 1, 2)),
+                             "000001/obses.pth", "(T, H, W, 3)"),
+    "obses rank 3": (lambda r: _save(r, "000001/obses.pth", _obses(r, 1)[..., 0]),
+                     "000001/obses.pth", "(T, H, W, 3)"),
+    "inconsistent frame size": (lambda r: _save(r, "000002/obses.pth", _obses(r, 2)[:, :16]),
+                                "000002/obses.pth", "differs from (32, 32)"),
+    "corrupt states": (lambda r: _garbage(r, "states.pth"), "states.pth", "corrupt"),
+    "truncated actions": (lambda r: _truncate(r, "actions.pth"), "actions.pth", "corrupt"),
+    "corrupt seq_lengths": (lambda r: _garbage(r, "seq_lengths.pkl"), "seq_lengths.pkl", "corrupt"),
+    "corrupt metadata": (lambda r: _truncate(r, "metadata.pkl"), "metadata.pkl", "corrupt"),
+    "corrupt obses": (lambda r: _truncate(r, "000002/obses.pth"), "000002/obses.pth", "corrupt"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_validation_error(make_franka_dataset, case):
+    mutate, file, words = CASES[case]
+    root = make_franka_dataset()
+    mutate(root)
+    with pytest.raises(DatasetError) as info:
+        load_franka_dataset(root)
+    msg = str(info.value)
+    assert str(root / file) in msg, msg
+    assert words in msg, msg
+    assert "\n" not in msg  # one line
+    assert info.value.__cause__ is None and info.value.__suppress_context__ or info.value.__context__ is None
+
+
+@pytest.mark.parametrize("kind", ["missing", "file"])
+def test_missing_root(tmp_path, kind):
+    root = tmp_path / "nope"
+    if kind == "file":
+        root.write_text("x")
+    with pytest.raises(DatasetError, match="dataset folder") as info:
+        load_franka_dataset(root)
+    assert str(root) in str(info.value) and "data.path" in str(info.value)
+
+
+def test_error_is_a_value_error():
+    assert issubclass(DatasetError, ValueError)
+
+
+# ----------------------------------------------------------------------------------------------
+# build_data
+
+
+def test_build_data(franka_dataset):
+    cfg = DataConfig(path=str(franka_dataset), frameskip=3, num_hist=3, num_pred=1, split_ratio=0.7, split_seed=42)
+    with pytest.warns(UserWarning, match=r"shorter than 12 steps .* episodes \[1\] with lengths \[9\]"):
+        data = build_data(cfg)  # episode 1 (9 steps) is in one of the two splits
+    assert isinstance(data, DataBundle)
+    assert sorted(data.train_ids + data.val_ids) == [0, 1, 2] and len(data.train_ids) == 2
+    assert data.proprio_slice == slice(0, 3)
+    assert data.train.num_frames == data.val.num_frames == 4 and data.train.frameskip == 3
+    lengths = [12, 9, 15]
+    assert len(data.train) == sum(max(lengths[e] - 12 + 1, 0) for e in data.train_ids)
+    assert len(data.val) == sum(max(lengths[e] - 12 + 1, 0) for e in data.val_ids)
+    assert data.train.num_short_episodes + data.val.num_short_episodes == 1
+    assert data.stats.proprio_mean.shape == (3,)
+    batch = data.train.batch(torch.arange(len(data.train)))
+    assert batch["action"].shape == (len(data.train), 4, 27)
+
+
+def test_build_data_reuses_given_stats(franka_dataset):
+    cfg = DataConfig(path=str(franka_dataset), frameskip=1, num_hist=2, num_pred=1)
+    first = build_data(cfg)
+    stats = type(first.stats).from_dict({k: [2.0] * len(v) for k, v in first.stats.to_dict().items()})
+    again = build_data(cfg, stats=stats)
+    assert again.stats is stats
+    raw = again.dataset.actions[again.train.sample_episode[0], again.train.sample_start[0]]
+    assert torch.allclose(again.train[0]["action"][0], (raw - 2.0) / 2.0)
+
+
+def test_build_data_rejects_stats_of_another_proprio(franka_dataset):
+    cfg = DataConfig(path=str(franka_dataset), frameskip=1, num_hist=2, num_pred=1)
+    stats = build_data(cfg).stats
+    with pytest.raises(ValueError, match="proprio has 3 dims but data.proprio_start/proprio_end select 4"):
+        build_data(DataConfig(path=str(franka_dataset), frameskip=1, num_hist=2, num_pred=1, proprio_end=4), stats=stats)
+
+
+def test_build_data_compat_normalization(franka_dataset):
+    ours = build_data(DataConfig(path=str(franka_dataset), frameskip=1, num_hist=2, num_pred=1)).stats
+    compat = build_data(DataConfig(path=str(franka_dataset), frameskip=1, num_hist=2, num_pred=1,
+                                   normalization="compat")).stats
+    assert not torch.allclose(ours.action_mean, compat.action_mean)
+
+
+@pytest.mark.parametrize("path", ["", "   "])
+def test_build_data_empty_path(path):
+    with pytest.raises(DatasetError, match=r"data\.path is empty.*--data\.path"):
+        build_data(DataConfig(path=path))
+
+
+def test_build_data_missing_path_without_demo(tmp_path):
+    with pytest.raises(DatasetError, match="does not exist"):
+        build_data(DataConfig(path=str(tmp_path / "absent")))
+
+
+def test_build_data_too_few_episodes_for_training(make_franka_dataset):
+    root = make_franka_dataset(lengths=(12,))
+    with pytest.raises(DatasetError, match="no episode for training"):
+        build_data(DataConfig(path=str(root), frameskip=1))
+
+
+def test_build_data_generates_demo_dataset_when_absent(tmp_path, monkeypatch, make_franka_dataset):
+    calls = []
+
+    def ensure_demo_dataset(root, episodes, frames):
+        calls.append((str(root), episodes, frames))
+        return make_franka_dataset(str(root), lengths=[frames] * episodes, hw=(16, 16))
+
+    monkeypatch.setitem(sys.modules, "dinowm.data.sim", types.SimpleNamespace(ensure_demo_dataset=ensure_demo_dataset))
+    root = tmp_path / "demo"
+    cfg = DataConfig(path=str(root), demo_episodes=3, demo_frames=20, frameskip=2)
+    data = build_data(cfg)
+    assert calls == [(str(root), 3, 20)]
+    assert data.dataset.num_episodes == 3 and data.dataset.frames.shape == (60, 16, 16, 3)
+    build_data(cfg)  # present now: not generated again
+    assert len(calls) == 1
