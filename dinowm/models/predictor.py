@@ -26,7 +26,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import kernels
+# The public kernel API (kernels/__init__.py). Bound by name from kernels.dispatch, where it is defined:
+# the package attribute `kernels.layernorm_linear` is replaced by the submodule of the same name once
+# the Triton backend is imported, so `kernels.layernorm_linear(...)` is not safe to call.
+from kernels import frame_ids_for
+from kernels.dispatch import block_causal_attention, layernorm_linear
 
 
 class Attention(nn.Module):
@@ -44,10 +48,10 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, frame_ids: torch.Tensor) -> torch.Tensor:
         b, n, _ = x.shape
-        qkv = kernels.layernorm_linear(x, self.norm.weight, self.norm.bias, self.to_qkv.weight, None,
+        qkv = layernorm_linear(x, self.norm.weight, self.norm.bias, self.to_qkv.weight, None,
                                        self.norm.eps, backend=self.ln_backend)  # (B, N, 3 * H * Dh)
         q, k, v = qkv.view(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, N, Dh)
-        out = kernels.block_causal_attention(q, k, v, frame_ids, scale=self.scale,
+        out = block_causal_attention(q, k, v, frame_ids, scale=self.scale,
                                              dropout_p=self.dropout if self.training else 0.0,
                                              backend=self.backend)  # (B, H, N, Dh)
         out = out.transpose(1, 2).reshape(b, n, -1)  # (B, N, H * Dh)
@@ -64,7 +68,7 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         norm, fc1, act, drop1, fc2, drop2 = self.net
-        h = kernels.layernorm_linear(x, norm.weight, norm.bias, fc1.weight, fc1.bias, norm.eps,
+        h = layernorm_linear(x, norm.weight, norm.bias, fc1.weight, fc1.bias, norm.eps,
                                      backend=self.ln_backend)  # (B, N, hidden)
         return drop2(fc2(drop1(act(h))))
 
@@ -106,6 +110,6 @@ class ViTPredictor(nn.Module):
         if n % self.num_patches != 0 or n > self.pos_embedding.shape[1] or d != self.dim:
             raise ValueError(f"ViTPredictor: input (B, N, D) = {tuple(x.shape)} must have D = {self.dim} and "
                              f"N a multiple of num_patches {self.num_patches}, at most {self.num_frames} frames")
-        frame_ids = kernels.frame_ids_for(n // self.num_patches, self.num_patches, device=x.device)  # (N,)
+        frame_ids = frame_ids_for(n // self.num_patches, self.num_patches, device=x.device)  # (N,)
         x = self.dropout(x + self.pos_embedding[:, :n])
         return self.transformer(x, frame_ids)

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import kernels
+from kernels.dispatch import tiled_embedding  # the public kernel API (see predictor.py for why dispatch)
 
 from .decoder import VQVAEDecoder
 from .embeddings import ProprioceptiveEmbedding
@@ -66,7 +66,7 @@ class VWorldModel(nn.Module):
     def embed(self, visual: torch.Tensor, proprio: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
         """visual (B, T, P, 384), proprio (B, T, Dp), action (B, T, Da) -> z (B, T, P, 384+Ep+Ea) or (B, T, P+2, 384)."""
         if self.concat_dim == 1:
-            return kernels.tiled_embedding(visual, proprio, action,
+            return tiled_embedding(visual, proprio, action,
                                            self.proprio_encoder.weight, self.proprio_encoder.bias,
                                            self.action_encoder.weight, self.action_encoder.bias,
                                            backend=self.embedding_backend)

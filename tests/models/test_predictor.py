@@ -1,0 +1,97 @@
+"""ViTPredictor: original key layout and parameter count, frame-block causality, backend parity."""
+import pytest
+import torch
+
+from dinowm.models.predictor import ViTPredictor
+
+
+def small(**kw):
+    args = dict(num_patches=4, num_frames=3, dim=404, depth=2, heads=4, dim_head=16, mlp_dim=64, dropout=0.0)
+    args.update(kw)
+    return ViTPredictor(**args)
+
+
+def test_parameter_count_and_keys_at_196_patches():
+    p = ViTPredictor(num_patches=196, num_frames=3)  # defaults: dim 404, depth 6, 16 x 64 heads, MLP 2048
+    assert sum(t.numel() for t in p.parameters()) == 20_122_600
+    expected = {"pos_embedding": (1, 588, 404), "transformer.norm.weight": (404,), "transformer.norm.bias": (404,)}
+    for i in range(6):
+        pre = f"transformer.layers.{i}."
+        expected.update({
+            pre + "0.norm.weight": (404,), pre + "0.norm.bias": (404,),
+            pre + "0.to_qkv.weight": (3072, 404),
+            pre + "0.to_out.0.weight": (404, 1024), pre + "0.to_out.0.bias": (404,),
+            pre + "1.net.0.weight": (404,), pre + "1.net.0.bias": (404,),
+            pre + "1.net.1.weight": (2048, 404), pre + "1.net.1.bias": (2048,),
+            pre + "1.net.4.weight": (404, 2048), pre + "1.net.4.bias": (404,),
+        })
+    assert {k: tuple(v.shape) for k, v in p.state_dict().items()} == expected
+
+
+def test_output_shape_and_fewer_frames():
+    p = small().eval()
+    assert p(torch.randn(2, 12, 404)).shape == (2, 12, 404)
+    assert p(torch.randn(2, 8, 404)).shape == (2, 8, 404)  # 2 of 3 frames: pos_embedding sliced
+    with pytest.raises(ValueError, match="num_patches"):
+        p(torch.randn(2, 13, 404))
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_frame_block_causal(k):
+    p = small().eval()
+    x = torch.randn(2, 12, 404)
+    y = p(x)
+    x2 = x.clone()
+    x2[:, 4 * k:4 * (k + 1)] += torch.randn(2, 4, 404)  # perturb frame k
+    y2 = p(x2)
+    assert torch.equal(y[:, :4 * k], y2[:, :4 * k])  # earlier frames: bit-identical
+    assert not torch.allclose(y[:, 4 * k:], y2[:, 4 * k:])  # frame k and later see it
+
+
+def test_full_attention_inside_a_frame():
+    p = small().eval()
+    x = torch.randn(1, 12, 404)
+    x2 = x.clone()
+    x2[:, 3] += 1.0  # last token of frame 0
+    assert not torch.allclose(p(x)[:, 0], p(x2)[:, 0])  # the first token of frame 0 sees it
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "auto"])
+def test_reference_vs_backend_fp32(backend):
+    ref = small(attention_backend="reference", layernorm_linear_backend="reference").eval()
+    fast = small(attention_backend=backend, layernorm_linear_backend="auto").eval()
+    fast.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 12, 404)
+    torch.testing.assert_close(fast(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+def test_matches_plain_pytorch_definition():
+    """The kernel-API model equals the original's math written out with plain ops."""
+    p = small(heads=4, dim_head=16).eval()
+    x = torch.randn(1, 12, 404)
+    sd = p.state_dict()
+    h = x + sd["pos_embedding"]
+    mask = torch.arange(3).repeat_interleave(4)
+    allowed = mask[None, :] <= mask[:, None]
+    for i in range(2):
+        pre = f"transformer.layers.{i}."
+        n = torch.nn.functional.layer_norm(h, (404,), sd[pre + "0.norm.weight"], sd[pre + "0.norm.bias"])
+        q, k, v = (n @ sd[pre + "0.to_qkv.weight"].T).chunk(3, dim=-1)
+        q, k, v = (t.view(1, 12, 4, 16).transpose(1, 2) for t in (q, k, v))
+        att = (q @ k.transpose(-1, -2) * 16 ** -0.5).masked_fill(~allowed, float("-inf")).softmax(-1)
+        o = (att @ v).transpose(1, 2).reshape(1, 12, 64)
+        h = h + o @ sd[pre + "0.to_out.0.weight"].T + sd[pre + "0.to_out.0.bias"]
+        n = torch.nn.functional.layer_norm(h, (404,), sd[pre + "1.net.0.weight"], sd[pre + "1.net.0.bias"])
+        f = torch.nn.functional.gelu(n @ sd[pre + "1.net.1.weight"].T + sd[pre + "1.net.1.bias"])
+        h = h + f @ sd[pre + "1.net.4.weight"].T + sd[pre + "1.net.4.bias"]
+    h = torch.nn.functional.layer_norm(h, (404,), sd["transformer.norm.weight"], sd["transformer.norm.bias"])
+    torch.testing.assert_close(p(x), h, rtol=1e-5, atol=1e-5)
+
+
+def test_dropout_only_in_training():
+    p = small(dropout=0.5)
+    x = torch.randn(1, 12, 404)
+    p.eval()
+    assert torch.equal(p(x), p(x))
+    p.train()
+    assert not torch.equal(p(x), p(x))
