@@ -113,10 +113,10 @@ def compile_one(spec: dict, cc: int) -> Row:
     if missing:
         row.problems.append(f"signature lacks {missing}")
         return row
-    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in spec.get("aligned", ())}
-    src = triton.compiler.ASTSource(fn, spec["signature"], spec["constexprs"], attrs=attrs)
     options = {"num_warps": spec.get("num_warps", 4), "num_stages": spec.get("num_stages", 3)}
     try:
+        attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in spec.get("aligned", ())}
+        src = triton.compiler.ASTSource(fn, spec["signature"], spec["constexprs"], attrs=attrs)
         kernel = triton.compile(src, target=GPUTarget("cuda", cc, 32), options=options)
     except Exception as exc:  # report every failure, keep going
         row.problems.append(f"compile failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
