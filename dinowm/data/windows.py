@@ -59,11 +59,9 @@ class FrameWindows(Dataset):
         """Valid steps one sample needs."""
 
         # normalised per-step values of the whole dataset, computed once (padding rows are never gathered)
+        stats.check(proprio_dim=ds.states[:0, :0, proprio_slice].shape[-1])
         self.actions = stats.normalize_action(ds.actions).contiguous()  # (N, T_max, 9)
         self.proprio = stats.normalize_proprio(ds.states[..., proprio_slice]).contiguous()  # (N, T_max, Dp)
-        if self.proprio.shape[-1] != stats.proprio_mean.shape[0]:
-            raise ValueError(f"proprio_slice selects {self.proprio.shape[-1]} dims but the statistics have "
-                             f"{stats.proprio_mean.shape[0]}")
 
         lengths = torch.tensor([ds.seq_lengths[i] for i in self.episode_ids], dtype=torch.int64)
         counts = (lengths - self.span + 1).clamp_min(0)  # samples per episode
@@ -230,7 +228,8 @@ def preprocess_images(obs: Tensor, img_size: int) -> Tensor:
     """uint8 (..., H, W, 3) -> float32 (..., 3, img_size, img_size) in [-1, 1], on obs's device.
 
     x / 255 * 2 - 1, resized with bilinear interpolation WITH antialiasing (align_corners=False), as
-    torchvision's Resize on tensors; no resize when H = W = img_size. No ImageNet mean/std.
+    torchvision's Resize on tensors; no resize when H = W = img_size. Clamped to [-1, 1] (rounding of the
+    filter weights can overshoot by an ulp). No ImageNet mean/std.
     """
     if obs.dtype != torch.uint8 or obs.dim() < 3 or obs.shape[-1] != 3:
         raise ValueError(f"preprocess_images expects uint8 (..., H, W, 3), got {obs.dtype} {tuple(obs.shape)}")
@@ -238,5 +237,5 @@ def preprocess_images(obs: Tensor, img_size: int) -> Tensor:
     x = obs.reshape(-1, h, w, 3).permute(0, 3, 1, 2).float()  # (M, 3, H, W)
     if (h, w) != (img_size, img_size):
         x = F.interpolate(x, size=(img_size, img_size), mode="bilinear", align_corners=False, antialias=True)
-    x = x / 255.0 * 2.0 - 1.0
+    x = (x / 255.0 * 2.0 - 1.0).clamp_(-1.0, 1.0)  # the resize weights sum to 1 only up to rounding
     return x.reshape(*lead, 3, img_size, img_size)  # (..., 3, S, S)
