@@ -254,6 +254,8 @@ class FrankaCubeScene:
         """Apply the 9 actuator targets (sim convention) for `frames` control periods."""
         self.data.ctrl[:] = ctrl_sim
         self.mujoco.mj_step(self.model, self.data, nstep=self.physics_steps_per_frame * frames)
+        # mj_step computes poses before integrating: refresh them so state() and render() match qpos.
+        self.mujoco.mj_kinematics(self.model, self.data)
 
     def success(self) -> bool:
         return cubes_stacked(self.cube_position("cube_a"), self.cube_position("cube_b"))
