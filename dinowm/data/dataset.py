@@ -124,7 +124,8 @@ def _load_tensor(path: Path):
         raise DatasetError(f"{path}: file missing; every episode i < N needs <root>/{{i:06d}}/obses.pth") from None
     except Exception as e:  # unpickling errors come in many types
         raise DatasetError(f"{path}: cannot be read as a torch file ({type(e).__name__}: {_first_line(e)}); "
-                           f"the file is corrupt or not written with torch.save: re-export it") from None
+                           f"the file is corrupt, not written with torch.save, or holds objects other than tensors: "
+                           f"re-export it as torch.save(tensor, path)") from None
     if isinstance(obj, np.ndarray):
         obj = torch.from_numpy(obj)
     if not isinstance(obj, Tensor):

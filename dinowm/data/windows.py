@@ -134,7 +134,7 @@ class FrameWindows(Dataset):
 
     def share_memory_(self) -> "FrameWindows":
         """Move every tensor a batch reads to shared memory (in place) so worker processes map it, not copy it."""
-        for x in (self.ds.frames, self.ds.states, self.ds.frame_offsets, self.actions, self.proprio,
+        for x in (self.ds.frames, self.ds.states, self.ds.actions, self.ds.frame_offsets, self.actions, self.proprio,
                   self.sample_episode, self.sample_start):
             if x is not None and not x.is_shared():
                 x.share_memory_()
