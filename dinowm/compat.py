@@ -30,6 +30,7 @@ written atomically (a temporary file, then os.replace).
 """
 from __future__ import annotations
 
+import _compat_pickle
 import argparse
 import collections
 import copyreg
@@ -127,6 +128,10 @@ def _torch_class(module: str, name: str):
 
 class _RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
+        # protocol-2 pickles name Python 2 modules (__builtin__, copy_reg); map them as pickle itself does
+        if (module, name) in _compat_pickle.NAME_MAPPING:
+            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
         path = f"{module}.{name}"
         if path in _SAFE_GLOBALS:
             return _SAFE_GLOBALS[path]
