@@ -161,6 +161,7 @@ class EpochBatchSampler(Sampler[list[int]]):
         self.start_batch = 0
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Call before iter(loader): with workers the loader starts prefetching at iter()."""
         if not 0 <= start_batch <= len(self):
             raise ValueError(f"start_batch {start_batch} is outside [0, {len(self)}] batches per epoch")
         self.epoch = int(epoch)
