@@ -6,13 +6,37 @@ Public entry points (re-exported by `kernels/__init__.py`):
     layernorm_linear(x, ln_weight, ln_bias, weight, bias, eps=1e-5, backend="auto")
     tiled_embedding(visual, proprio, action, proprio_weight, proprio_bias, action_weight, action_bias, backend="auto")
 
-Attention backends: triton, sdpa, flex, flash, xformers, reference. Other ops: triton, reference.
-`auto` resolves per call site from the device and what is installed; every resolution is logged
-once with its reason. A backend that cannot express the frame-block-causal mask is refused.
+Attention backends (q, k, v: (B, H, N, D); frame_ids: (N,); rope: (cos, sin) (N, D) fp32 or None):
+
+    triton     kernels.attention: RoPE fused, whole masked tiles skipped, dropout in-kernel. CUDA
+               tensors, or CPU tensors under TRITON_INTERPRET=1 (tests).
+    sdpa       per-frame prefix SDPA: one `scaled_dot_product_attention` call per frame, its queries
+               against the key prefix of frames <= it, no mask (exact FLOPs). RoPE as a separate
+               pass. Tokens not in frame-major order are sorted by frame first and restored after.
+               On CPU fp16/bf16 inputs are computed in fp32 (faster there, and more accurate).
+               The fastest CPU path (bench/bench_attention.py: beats SDPA with a dense boolean mask
+               in forward+backward).
+    flex       FlexAttention (compiled) with a BlockMask built from frame ids. On CPU forward only
+               (torch 2.13 raises when inputs require grad): refused there; no dropout.
+    flash      flash-attn, xformers: imported lazily; neither can express the frame-block-causal
+    xformers   mask (other than as a dense bias, which is the slow path), so both are refused.
+    reference  kernels.reference.block_causal_attention_ref (explicit scores, fp32 softmax).
+    auto       triton on CUDA when triton is installed, else sdpa.
+
+Other ops: `triton` (kernels.layernorm_linear / kernels.embedding, imported lazily; CUDA or the
+interpreter), `reference`, `auto` (triton on CUDA when importable, else reference).
+
+An explicitly requested backend that cannot run the call raises `BackendUnavailable` with the
+reason; `auto` never picks one that cannot. Every distinct resolution is logged once (logger
+`kernels`, INFO) with its reason; `resolve_attention` / `resolve_simple` return the `Choice`.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
+import importlib
 import logging
+import os
 
 import torch
 import torch.nn.functional as F
@@ -25,33 +49,230 @@ ATTENTION_BACKENDS = ("auto", "triton", "sdpa", "flex", "flash", "xformers", "re
 SIMPLE_BACKENDS = ("auto", "triton", "reference")
 
 
-def _sdpa_attention(q, k, v, frame_ids, rope, scale, dropout_p):
-    if rope is not None:
-        q = reference.apply_rope_ref(q, *rope)
-        k = reference.apply_rope_ref(k, *rope)
+class BackendUnavailable(RuntimeError):
+    """An explicitly requested backend cannot run this call (the message says why)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Choice:
+    """The backend an op call resolved to, and why."""
+
+    op: str
+    requested: str
+    backend: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.op}: backend={self.backend} (requested {self.requested}): {self.reason}"
+
+
+_logged: set[Choice] = set()
+
+
+def _log_once(choice: Choice) -> Choice:
+    if choice not in _logged:
+        _logged.add(choice)
+        log.info("%s", choice)
+    return choice
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def _importable(module: str) -> str | None:
+    """None if `module` imports, else the reason it does not."""
+    try:
+        importlib.import_module(module)
+    except Exception as exc:  # ImportError, or a broken install raising anything else
+        return f"{module} not importable ({type(exc).__name__}: {exc})"
+    return None
+
+
+def _triton_blocker(module: str, device: torch.device) -> str | None:
+    """Why the Triton implementation in `module` cannot run on `device`, or None."""
+    if device.type != "cuda" and not _interpreting():
+        return f"Triton needs CUDA tensors (got {device.type}; set TRITON_INTERPRET=1 to interpret on CPU)"
+    return _importable("triton") or _importable(module)
+
+
+# ----------------------------------------------------------------------------------------------
+# attention backends in plain PyTorch
+# ----------------------------------------------------------------------------------------------
+def _rotate(q, k, rope):
+    if rope is None:
+        return q, k
+    return reference.apply_rope_ref(q, *rope), reference.apply_rope_ref(k, *rope)
+
+
+def sdpa_dense_attention(q, k, v, frame_ids, rope=None, scale=None, dropout_p=0.0):
+    """Baseline: SDPA with the dense (N, N) boolean frame mask (what the official code does)."""
+    q, k = _rotate(q, k, rope)
     mask = reference.block_causal_mask(frame_ids.to(q.device))
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
 
 
+def frame_prefix_attention(q, k, v, frame_ids, rope=None, scale=None, dropout_p=0.0):
+    """Per-frame prefix SDPA: frame f's queries against the keys of frames <= f, no mask.
+
+    q, k, v: (B, H, N, D); frame_ids: (N,). Frame ids not in non-decreasing order are sorted (stable)
+    and the output is put back in the input order. Reads the frame boundaries on the host. On CPU,
+    fp16/bf16 inputs are computed in fp32 (the CPU bf16 SDPA backward is ~2x slower than fp32).
+    """
+    dtype = q.dtype
+    if q.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16):
+        q, k, v = q.float(), k.float(), v.float()
+    q, k = _rotate(q, k, rope)
+    fids = frame_ids.to(q.device)
+    order = None
+    if fids.numel() > 1 and bool((fids[1:] < fids[:-1]).any()):
+        order = torch.argsort(fids, stable=True)
+        q, k, v, fids = q[:, :, order], k[:, :, order], v[:, :, order], fids[order]
+    counts = torch.unique_consecutive(fids, return_counts=True)[1].tolist()
+    outs, end = [], 0
+    for count in counts:
+        start, end = end, end + count
+        outs.append(F.scaled_dot_product_attention(q[:, :, start:end], k[:, :, :end], v[:, :, :end],
+                                                   dropout_p=dropout_p, scale=scale))  # (B, H, count, D)
+    out = torch.cat(outs, dim=2)  # (B, H, N, D), frame-sorted
+    if order is not None:
+        out = out[:, :, torch.argsort(order)]
+    return out.to(dtype)
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+_FLEX_MASKS: dict = {}
+
+
+def _flex_block_mask(frame_ids: torch.Tensor, device: torch.device):
+    """BlockMask of the frame-block-causal mask, cached per (device, frame ids)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    key = (str(device), tuple(frame_ids.tolist()))
+    if key not in _FLEX_MASKS:
+        fids = frame_ids.to(device=device, dtype=torch.int32)
+        n = fids.numel()
+
+        def frame_causal(b, h, q_idx, kv_idx):
+            return fids[kv_idx] <= fids[q_idx]
+
+        if len(_FLEX_MASKS) > 16:
+            _FLEX_MASKS.clear()
+        _FLEX_MASKS[key] = create_block_mask(frame_causal, None, None, n, n, device=device)
+    return _FLEX_MASKS[key]
+
+
+def flex_block_causal_attention(q, k, v, frame_ids, rope=None, scale=None, dropout_p=0.0):
+    """FlexAttention (compiled) with a BlockMask from frame ids. No dropout; forward only on CPU."""
+    q, k = _rotate(q, k, rope)
+    block_mask = _flex_block_mask(frame_ids, q.device)
+    return _compiled_flex()(q, k, v, block_mask=block_mask, scale=scale)
+
+
+# ----------------------------------------------------------------------------------------------
+# attention: choice
+# ----------------------------------------------------------------------------------------------
+def _attention_blocker(backend: str, q: torch.Tensor, dropout_p: float, needs_grad: bool) -> str | None:
+    """Why `backend` cannot run this call, or None."""
+    if backend == "triton":
+        blocker = _triton_blocker("kernels.attention", q.device)
+        if blocker is None and q.shape[-1] > 64:
+            blocker = f"head dim {q.shape[-1]} > 64 is not supported by the Triton kernel"
+        return blocker
+    if backend == "flex":
+        if dropout_p > 0.0:
+            return "FlexAttention has no attention dropout"
+        if q.device.type == "cpu" and needs_grad:
+            return "FlexAttention on CPU is forward only in torch 2.13 (inputs require grad)"
+        return _importable("torch.nn.attention.flex_attention")
+    if backend in ("flash", "xformers"):
+        module = "flash_attn" if backend == "flash" else "xformers.ops"
+        missing = _importable(module)
+        if missing:
+            return missing
+        return (f"{backend} cannot express the frame-block-causal mask (only full, causal or "
+                f"block-diagonal masks); use triton, sdpa or flex")
+    return None  # sdpa, reference: always
+
+
+def resolve_attention(backend: str, q: torch.Tensor, dropout_p: float = 0.0, needs_grad: bool = False) -> Choice:
+    """The backend `block_causal_attention` runs for these inputs, and why (logged once)."""
+    if backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention backend {backend!r} unknown; choose one of {ATTENTION_BACKENDS}")
+    if backend != "auto":
+        blocker = _attention_blocker(backend, q, dropout_p, needs_grad)
+        if blocker:
+            raise BackendUnavailable(f"block_causal_attention: backend {backend!r} refused: {blocker}")
+        return _log_once(Choice("block_causal_attention", backend, backend, "requested explicitly"))
+    if q.device.type == "cuda":
+        blocker = _attention_blocker("triton", q, dropout_p, needs_grad)
+        if blocker is None:
+            return _log_once(Choice("block_causal_attention", "auto", "triton",
+                                    "CUDA tensors and triton installed: fused RoPE, masked tiles skipped"))
+        return _log_once(Choice("block_causal_attention", "auto", "sdpa", f"triton unavailable: {blocker}"))
+    return _log_once(Choice("block_causal_attention", "auto", "sdpa",
+                            f"{q.device.type} tensors: per-frame prefix SDPA is the fastest measured CPU path"))
+
+
 def block_causal_attention(q, k, v, frame_ids, rope=None, scale=None, dropout_p=0.0, backend="auto"):
     """Frame-block-causal attention. q, k, v: (B, H, N, D); frame_ids: (N,) int32 -> (B, H, N, D)."""
-    if backend in ("auto", "sdpa"):
-        return _sdpa_attention(q, k, v, frame_ids, rope, scale, dropout_p)
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    choice = resolve_attention(backend, q, dropout_p, needs_grad)
+    if choice.backend == "triton":
+        from .attention import block_causal_attention_triton
+
+        return block_causal_attention_triton(q, k, v, frame_ids, rope, scale, dropout_p)
+    if choice.backend == "sdpa":
+        return frame_prefix_attention(q, k, v, frame_ids, rope, scale, dropout_p)
+    if choice.backend == "flex":
+        return flex_block_causal_attention(q, k, v, frame_ids, rope, scale, dropout_p)
+    return reference.block_causal_attention_ref(q, k, v, frame_ids, rope, scale, dropout_p)
+
+
+# ----------------------------------------------------------------------------------------------
+# LayerNorm -> Linear, tiled embedding
+# ----------------------------------------------------------------------------------------------
+def resolve_simple(op: str, module: str, backend: str, device: torch.device) -> Choice:
+    """Backend for an op with `triton` and `reference` implementations, and why (logged once)."""
+    if backend not in SIMPLE_BACKENDS:
+        raise ValueError(f"{op} backend {backend!r} unknown; choose one of {SIMPLE_BACKENDS}")
     if backend == "reference":
-        return reference.block_causal_attention_ref(q, k, v, frame_ids, rope, scale, dropout_p)
-    raise ValueError(f"attention backend {backend!r} is not available yet; choose one of {ATTENTION_BACKENDS}")
+        return _log_once(Choice(op, backend, "reference", "requested explicitly"))
+    blocker = _triton_blocker(module, device)
+    if backend == "triton":
+        if blocker:
+            raise BackendUnavailable(f"{op}: backend 'triton' refused: {blocker}")
+        return _log_once(Choice(op, backend, "triton", "requested explicitly"))
+    if device.type == "cuda" and blocker is None:
+        return _log_once(Choice(op, "auto", "triton", "CUDA tensors and triton installed"))
+    return _log_once(Choice(op, "auto", "reference", blocker if device.type == "cuda" else
+                            f"{device.type} tensors: the PyTorch reference"))
 
 
 def layernorm_linear(x, ln_weight, ln_bias, weight, bias, eps=1e-5, backend="auto"):
     """Linear(LayerNorm(x)). x: (..., K), weight: (M, K) -> (..., M)."""
-    if backend in ("auto", "reference"):
-        return reference.layernorm_linear_ref(x, ln_weight, ln_bias, weight, bias, eps)
-    raise ValueError(f"layernorm_linear backend {backend!r} is not available yet; choose one of {SIMPLE_BACKENDS}")
+    choice = resolve_simple("layernorm_linear", "kernels.layernorm_linear", backend, x.device)
+    if choice.backend == "triton":
+        from .layernorm_linear import layernorm_linear_triton
+
+        return layernorm_linear_triton(x, ln_weight, ln_bias, weight, bias, eps)
+    return reference.layernorm_linear_ref(x, ln_weight, ln_bias, weight, bias, eps)
 
 
 def tiled_embedding(visual, proprio, action, proprio_weight, proprio_bias, action_weight, action_bias, backend="auto"):
     """[visual | proprio_emb | action_emb] over patches: (B, T, P, Dv + Ep + Ea)."""
-    if backend in ("auto", "reference"):
-        return reference.tiled_embedding_ref(visual, proprio, action, proprio_weight, proprio_bias,
-                                             action_weight, action_bias)
-    raise ValueError(f"tiled_embedding backend {backend!r} is not available yet; choose one of {SIMPLE_BACKENDS}")
+    choice = resolve_simple("tiled_embedding", "kernels.embedding", backend, visual.device)
+    if choice.backend == "triton":
+        from .embedding import tiled_embedding_triton
+
+        return tiled_embedding_triton(visual, proprio, action, proprio_weight, proprio_bias, action_weight,
+                                      action_bias)
+    return reference.tiled_embedding_ref(visual, proprio, action, proprio_weight, proprio_bias,
+                                         action_weight, action_bias)
