@@ -38,6 +38,18 @@ def block_causal_mask(frame_ids: torch.Tensor) -> torch.Tensor:
     return frame_ids[None, :] <= frame_ids[:, None]
 
 
+def cond_last_order(num_frames: int, tokens_per_frame: int, cond_tokens: int = 2, device=None) -> torch.Tensor:
+    """Permutation (N,) of the AC layout putting all patch tokens first (frame by frame), then the
+    `cond_tokens` conditioning tokens of every frame (frame by frame).
+
+    The mask depends only on frame ids, so attention commutes with any permutation applied to q, k,
+    v, frame ids and RoPE tables alike: `x[..., order, :]` permutes, `x[..., torch.argsort(order), :]`
+    undoes it exactly. Fewer tiles straddle a frame boundary in the permuted layout (KERNELS.md).
+    """
+    idx = torch.arange(num_frames * tokens_per_frame, device=device).view(num_frames, tokens_per_frame)
+    return torch.cat([idx[:, cond_tokens:].flatten(), idx[:, :cond_tokens].flatten()])
+
+
 # ----------------------------------------------------------------------------------------------
 # RoPE
 # ----------------------------------------------------------------------------------------------
@@ -96,8 +108,9 @@ def ac_token_positions(num_frames: int, height: int, width: int, cond_tokens: in
 
 
 def apply_rope_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Apply the per-element RoPE tables to x (..., N, D); returns x's dtype (computed in fp32)."""
-    xf = x.float()
+    """Apply the per-element RoPE tables to x (..., N, D); returns x's dtype (computed in fp32, fp64
+    for fp64 inputs)."""
+    xf = x.double() if x.dtype == torch.float64 else x.float()
     pairs = xf.unflatten(-1, (-1, 2))
     x_even, x_odd = pairs.unbind(-1)
     swapped = torch.stack((-x_odd, x_even), dim=-1).flatten(-2)  # [-x1, x0, -x3, x2, ...]
@@ -115,22 +128,28 @@ def block_causal_attention_ref(
     rope: tuple[torch.Tensor, torch.Tensor] | None = None,
     scale: float | None = None,
     dropout_p: float = 0.0,
+    dropout_keep: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Frame-block-causal attention with explicit scores, mask and softmax.
 
     q, k, v: (B, H, N, D); frame_ids: (N,); rope: optional (cos, sin) (N, D) applied to q and k.
-    Returns (B, H, N, D) in q's dtype. Softmax is computed in fp32.
+    Returns (B, H, N, D) in q's dtype. Softmax is computed in fp32 (fp64 for fp64 inputs).
+    dropout_keep: optional (B, H, N, N) bool keep mask to use instead of drawing one (reproduces a
+    kernel's dropout in tests): probs * keep / (1 - dropout_p).
     """
     if rope is not None:
         q = apply_rope_ref(q, *rope)
         k = apply_rope_ref(k, *rope)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    scores = torch.matmul(q.float(), k.float().transpose(-2, -1)) * scale  # (B, H, N, N)
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    scores = torch.matmul(q.to(compute), k.to(compute).transpose(-2, -1)) * scale  # (B, H, N, N)
     scores = scores.masked_fill(~block_causal_mask(frame_ids.to(q.device)), float("-inf"))
     probs = scores.softmax(dim=-1)
-    if dropout_p > 0.0:
+    if dropout_keep is not None:
+        probs = probs * dropout_keep / (1.0 - dropout_p)
+    elif dropout_p > 0.0:
         probs = F.dropout(probs, p=dropout_p)
-    return torch.matmul(probs, v.float()).to(q.dtype)
+    return torch.matmul(probs, v.to(compute)).to(q.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
