@@ -26,7 +26,7 @@ encoder keys are absent unless the original trained the encoder):
      "inferred": {"num_patches", "num_frames", "dim", "action_in", "proprio_in", "action_emb_dim",
                   "proprio_emb_dim", "concat_dim", "depth", "inner_dim", "mlp_dim", "decoder_n_embed"}}
 
-written atomically (a temporary file, then os.replace).
+written atomically (`dinowm.checkpoint.atomic_save`: a temporary file, fsync, os.replace).
 """
 from __future__ import annotations
 
@@ -36,7 +36,6 @@ import collections
 import copyreg
 import importlib
 import math
-import os
 import pickle
 import sys
 import types
@@ -44,7 +43,8 @@ from pathlib import Path
 
 import torch
 
-FORMAT = "dinowm/1"
+from dinowm.checkpoint import CHECKPOINT_FORMAT, atomic_save
+
 REQUIRED_ENTRIES = ("epoch", "predictor", "action_encoder", "proprio_encoder")
 MODEL_ENTRIES = ("predictor", "decoder", "action_encoder", "proprio_encoder", "encoder")
 VISUAL_DIM = 384
@@ -236,7 +236,8 @@ def import_dino_wm_checkpoint(path, num_frames: int | None = None) -> dict:
         raise CompatError(f"{path}: unknown class {e.path!r} in the checkpoint (not a DINO-WM "
                           "ViTPredictor/VQVAE/ProprioceptiveEmbedding checkpoint?); refusing to load it") from None
     except Exception as e:  # noqa: BLE001 - anything torch/pickle raise means: not a checkpoint
-        raise CompatError(f"{path}: not a DINO-WM checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        first_line = (str(e).splitlines() or [""])[0]
+        raise CompatError(f"{path}: not a DINO-WM checkpoint ({type(e).__name__}: {first_line})") from None
     if not isinstance(ckpt, dict):
         raise CompatError(f"{path}: not a DINO-WM checkpoint (a {type(ckpt).__name__}, expected a dict of modules)")
     missing = [k for k in REQUIRED_ENTRIES if k not in ckpt]
@@ -259,25 +260,12 @@ def import_dino_wm_checkpoint(path, num_frames: int | None = None) -> dict:
         raise CompatError(f"{path}: unexpected DINO-WM model layout ({type(e).__name__}: {e})") from None
     epoch = ckpt["epoch"]
     return {
-        "format": FORMAT,
+        "format": CHECKPOINT_FORMAT,
         "source": str(path),
         "epoch": int(epoch.item() if isinstance(epoch, torch.Tensor) else epoch),
         "model": model,
         "inferred": inferred,
     }
-
-
-def save_atomic(obj, out) -> None:
-    """torch.save to a temporary file beside `out`, then os.replace (never a half-written file)."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def main(argv=None) -> int:
@@ -290,7 +278,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         ckpt = import_dino_wm_checkpoint(args.checkpoint, num_frames=args.num_frames)
-        save_atomic(ckpt, args.out)
+        atomic_save(ckpt, args.out)
     except (CompatError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

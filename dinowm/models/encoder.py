@@ -161,7 +161,8 @@ class DinoV2Encoder(nn.Module):
         except Exception as e:  # noqa: BLE001 - any unpickling problem is a bad file for the user
             raise ValueError(f"{path}: not a readable DINOv2 state dict ({type(e).__name__}: {e})") from None
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-            raise ValueError(f"{path}: expected a state dict of tensors (dinov2_vits14_pretrain.pth), got {type(state).__name__}")
+            raise ValueError(f"{path}: expected a state dict of tensors (dinov2_vits14_pretrain.pth), "
+                             f"got {type(state).__name__}")
         own = self.state_dict()
         missing = sorted(set(own) - set(state))
         unexpected = sorted(set(state) - set(own))

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 # The public kernel API (kernels/__init__.py). Bound by name from kernels.dispatch, where it is defined:
 # the package attribute `kernels.layernorm_linear` is replaced by the submodule of the same name once

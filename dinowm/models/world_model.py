@@ -64,7 +64,8 @@ class VWorldModel(nn.Module):
         return visual.unflatten(0, (b, t))  # (B, T, P, 384)
 
     def embed(self, visual: torch.Tensor, proprio: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
-        """visual (B, T, P, 384), proprio (B, T, Dp), action (B, T, Da) -> z (B, T, P, 384+Ep+Ea) or (B, T, P+2, 384)."""
+        """visual (B, T, P, 384), proprio (B, T, Dp), action (B, T, Da)
+        -> z (B, T, P, 384 + Ep + Ea) (concat_dim 1) or (B, T, P + 2, 384) (concat_dim 0)."""
         if self.concat_dim == 1:
             return tiled_embedding(visual, proprio, action,
                                            self.proprio_encoder.weight, self.proprio_encoder.bias,

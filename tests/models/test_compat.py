@@ -1,6 +1,5 @@
 """Importer of original DINO-WM checkpoints: a fixture pickled under the original class paths
 (models.vit, models.vqvae, models.proprio), which are removed from sys.modules before importing."""
-import pickle
 import sys
 import types
 
