@@ -215,7 +215,7 @@ class Trainer:
                         profiler.step()
                     for k, v in out.items():
                         if k.endswith("loss"):
-                            window[k] += float(v)
+                            window[k] += float(v.detach())
                     window_steps += 1
                     bar.update(1)
                     if log_step or self.step == total_steps:
@@ -272,7 +272,7 @@ class Trainer:
             n = batch["obs"].shape[0]
             for k, v in out.items():
                 if k.endswith("loss"):
-                    sums[k] += float(v) * n
+                    sums[k] += float(v.detach()) * n
             count += n
             first = first or (batch, out)
         results = {f"val_{k}": v / max(count, 1) for k, v in sums.items()}

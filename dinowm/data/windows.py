@@ -211,10 +211,15 @@ def make_loader(windows: FrameWindows, batch_size: int, shuffle: bool, seed: int
     (persistent_workers, so the start-up of a few seconds is paid once). A worker only maps the shared
     tensors and gathers batches; it never reads files. A worker that delivers nothing for `timeout`
     seconds raises instead of hanging silently. Batches are identical to num_workers = 0.
+
+    The loader has its own generator: a DataLoader iterator otherwise draws its base seed from the
+    global torch RNG, which would shift dropout masks whenever an iterator is created (exact resume).
     """
     sampler = EpochBatchSampler(len(windows), batch_size, shuffle, seed, drop_last)
+    generator = torch.Generator().manual_seed(seed)
     if num_workers <= 0:
-        return DataLoader(windows, batch_sampler=sampler, collate_fn=_collate_batched, pin_memory=pin_memory)
+        return DataLoader(windows, batch_sampler=sampler, collate_fn=_collate_batched, pin_memory=pin_memory,
+                          generator=generator)
     try:
         windows.share_memory_()
     except RuntimeError as e:
@@ -222,7 +227,7 @@ def make_loader(windows: FrameWindows, batch_size: int, shuffle: bool, seed: int
                            f"({e}); enlarge /dev/shm (docker: --shm-size) or set data.num_workers = 0") from None
     return DataLoader(windows, batch_sampler=sampler, collate_fn=_collate_batched, pin_memory=pin_memory,
                       num_workers=num_workers, multiprocessing_context=multiprocessing_context, persistent_workers=True,
-                      timeout=timeout)
+                      timeout=timeout, generator=generator)
 
 
 def preprocess_images(obs: Tensor, img_size: int) -> Tensor:
