@@ -1,0 +1,115 @@
+"""The dispatcher: which backend each call resolves to, why, and what it refuses.
+
+    python -m pytest tests/kernels/test_dispatch.py -x -q
+"""
+from __future__ import annotations
+
+import logging
+import types
+
+import pytest
+import torch
+
+from kernels import dispatch, reference
+
+
+def small_inputs(requires_grad=False, head_dim=24):
+    frame_ids = reference.frame_ids_for(3, 6)
+    q, k, v = (torch.randn(1, 2, 18, head_dim, requires_grad=requires_grad) for _ in range(3))
+    return q, k, v, frame_ids
+
+
+def test_auto_on_cpu_picks_frame_prefix_sdpa():
+    q, *_ = small_inputs()
+    choice = dispatch.resolve_attention("auto", q)
+    assert choice.backend == "sdpa" and "fastest measured CPU path" in choice.reason
+
+
+def test_auto_on_cuda(monkeypatch):
+    q = types.SimpleNamespace(device=torch.device("cuda"), shape=(1, 1, 4, 24))  # no CUDA here: a stand-in
+    monkeypatch.setattr(dispatch, "_attention_blocker", lambda *a: None)
+    assert dispatch.resolve_attention("auto", q).backend == "triton"
+    monkeypatch.setattr(dispatch, "_attention_blocker", lambda *a: "triton not importable (test)")
+    choice = dispatch.resolve_attention("auto", q)
+    assert choice.backend == "sdpa" and "triton unavailable" in choice.reason
+
+
+def test_triton_runs_under_interpreter_and_is_refused_without(monkeypatch):
+    q, *_ = small_inputs()
+    assert dispatch.resolve_attention("triton", q).backend == "triton"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(dispatch.BackendUnavailable, match="needs CUDA tensors"):
+        dispatch.resolve_attention("triton", q)
+    with pytest.raises(dispatch.BackendUnavailable, match="needs CUDA tensors"):
+        dispatch.layernorm_linear(torch.randn(2, 8), None, None, torch.randn(4, 8), None, backend="triton")
+
+
+def test_triton_refuses_large_head_dim():
+    q, *_ = small_inputs(head_dim=128)
+    with pytest.raises(dispatch.BackendUnavailable, match="head dim 128"):
+        dispatch.resolve_attention("triton", q)
+
+
+@pytest.mark.parametrize("backend", ["flash", "xformers"])
+def test_flash_and_xformers_refused(backend):
+    q, k, v, frame_ids = small_inputs()
+    with pytest.raises(dispatch.BackendUnavailable, match=backend if backend == "flash" else "xformers"):
+        dispatch.block_causal_attention(q, k, v, frame_ids, backend=backend)
+
+
+def test_flex_refusals():
+    q, k, v, frame_ids = small_inputs(requires_grad=True)
+    with pytest.raises(dispatch.BackendUnavailable, match="forward only"):
+        dispatch.block_causal_attention(q, k, v, frame_ids, backend="flex")
+    with pytest.raises(dispatch.BackendUnavailable, match="dropout"):
+        dispatch.resolve_attention("flex", q.detach(), dropout_p=0.1)
+    # no grad needed under no_grad
+    assert dispatch.resolve_attention("flex", q.detach(), needs_grad=False).backend == "flex"
+
+
+def test_unknown_backend():
+    q, k, v, frame_ids = small_inputs()
+    with pytest.raises(ValueError, match="unknown"):
+        dispatch.block_causal_attention(q, k, v, frame_ids, backend="cudnn")
+    with pytest.raises(ValueError, match="unknown"):
+        dispatch.resolve_simple("tiled_embedding", "kernels.embedding", "sdpa", torch.device("cpu"))
+
+
+def test_choice_logged_once(caplog):
+    q, *_ = small_inputs()
+    dispatch._logged.clear()
+    with caplog.at_level(logging.INFO, logger="kernels"):
+        for _ in range(3):
+            dispatch.resolve_attention("reference", q)
+            dispatch.resolve_attention("auto", q)
+    lines = [r.getMessage() for r in caplog.records if r.name == "kernels"]
+    assert len(lines) == 2, lines
+    assert any("backend=reference" in line for line in lines)
+    assert any("backend=sdpa (requested auto)" in line for line in lines)
+
+
+@pytest.mark.parametrize("backend", ["auto", "sdpa", "reference", "triton"])
+def test_attention_backends_agree(backend):
+    q, k, v, frame_ids = small_inputs()
+    tables = reference.rope_tables(torch.randint(0, 8, (18, 3)), 24)
+    out = dispatch.block_causal_attention(q, k, v, frame_ids, tables, scale=0.3, backend=backend)
+    ref = reference.block_causal_attention_ref(q, k, v, frame_ids, tables, scale=0.3)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_simple_ops_auto_is_reference_on_cpu():
+    x, w = torch.randn(3, 8), torch.randn(5, 8)
+    choice = dispatch.resolve_simple("layernorm_linear", "kernels.layernorm_linear", "auto", x.device)
+    assert choice.backend == "reference"
+    out = dispatch.layernorm_linear(x, None, None, w, None)
+    torch.testing.assert_close(out, reference.layernorm_linear_ref(x, None, None, w, None))
+    visual, proprio, action = torch.randn(1, 2, 3, 4), torch.randn(1, 2, 5), torch.randn(1, 2, 6)
+    args = (visual, proprio, action, torch.randn(7, 5), torch.randn(7), torch.randn(7, 6), torch.randn(7))
+    torch.testing.assert_close(dispatch.tiled_embedding(*args), reference.tiled_embedding_ref(*args))
+
+
+def test_simple_ops_triton_missing_module_refused(monkeypatch):
+    monkeypatch.setattr(dispatch, "_importable",
+                        lambda module: f"{module} not importable (test)" if module.startswith("kernels.") else None)
+    with pytest.raises(dispatch.BackendUnavailable, match="kernels.embedding not importable"):
+        dispatch.resolve_simple("tiled_embedding", "kernels.embedding", "triton", torch.device("cpu"))
