@@ -42,6 +42,13 @@ def official(tmp_path_factory):
     return sd, path
 
 
+@pytest.fixture(scope="module")
+def loaded(official):
+    enc = DinoV2Encoder(image_size=56)
+    enc.load_official(official[1])
+    return enc
+
+
 def dinov2_reference(sd: dict, images: torch.Tensor) -> torch.Tensor:
     """DINOv2 forward_features(...)['x_norm_patchtokens'] written out with plain ops."""
     b = images.shape[0]
@@ -66,10 +73,8 @@ def dinov2_reference(sd: dict, images: torch.Tensor) -> torch.Tensor:
     return F.layer_norm(x, (384,), sd["norm.weight"], sd["norm.bias"], eps=1e-6)[:, 1:]
 
 
-def test_official_keys_load_and_forward(official):
-    sd, path = official
-    enc = DinoV2Encoder(image_size=56)
-    enc.load_official(path)
+def test_official_keys_load_and_forward(official, loaded):
+    sd, enc = official[0], loaded
     assert set(enc.state_dict()) == set(sd)
     for k, v in enc.state_dict().items():
         assert torch.equal(v, sd[k]), k
@@ -79,18 +84,15 @@ def test_official_keys_load_and_forward(official):
     torch.testing.assert_close(out, dinov2_reference(sd, images), rtol=1e-4, atol=1e-4)
 
 
-def test_resize_to_image_size(official):
-    sd, path = official
-    enc = DinoV2Encoder(image_size=56)
-    enc.load_official(path)
+def test_resize_to_image_size(loaded):
+    enc = loaded
     images = torch.rand(1, 3, 64, 64) * 2 - 1
     resized = F.interpolate(images, size=(56, 56), mode="bilinear", align_corners=False, antialias=True)
     assert torch.equal(enc(images), enc(resized))
 
 
 def test_load_errors_name_the_file(official, tmp_path):
-    sd, _ = official
-    enc = DinoV2Encoder(image_size=56)
+    sd, enc = official[0], DinoV2Encoder(image_size=56)
     tiny = {k: torch.zeros(1) for k in sd}  # the official key set with tiny tensors: cheap to save
     missing = dict(tiny)
     del missing["blocks.3.ls1.gamma"]

@@ -89,7 +89,7 @@ def test_z_loss_excludes_action_channels(model, batch):
 
 
 def test_gradient_isolation(model, batch):
-    obs, proprio, action, _ = batch
+    obs, proprio, action, visual = batch
     model.zero_grad(set_to_none=True)
     model(obs, proprio, action)["decoder_recon_loss"].backward()
     for m in (model.predictor, model.action_encoder, model.proprio_encoder, model.encoder):
@@ -97,7 +97,7 @@ def test_gradient_isolation(model, batch):
     assert all(p.grad is not None for p in model.decoder.parameters())
 
     model.zero_grad(set_to_none=True)
-    model(obs, proprio, action)["z_loss"].backward()
+    model(obs, proprio, action, visual=visual)["z_loss"].backward()
     assert all(p.grad is None for p in model.decoder.parameters())
     assert all(p.grad is None for p in model.encoder.parameters())
     for m in (model.predictor, model.action_encoder, model.proprio_encoder):
