@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from dinowm.data.sim_scene import (
+    ARM_JOINTS,
     CUBE_HALF,
     CUBE_MIN_DISTANCE,
     CUBE_X_RANGE,
@@ -44,7 +45,7 @@ PLACE_MARGIN = 0.004  # m, release A this far above resting contact
 FINGER_SPEED = 0.08  # m/s, finger command ramp
 PLAN_FILL = 0.9  # fraction of the episode used by the plan
 
-# (name, nominal seconds, finger target); None of the motion fields means a dwell (hold position).
+# (name, nominal seconds, finger target). Dwells hold the pose while the fingers close or open.
 SEGMENTS = [
     ("above_a", 1.6, FINGER_OPEN),
     ("grasp", 1.0, FINGER_OPEN),
@@ -94,7 +95,8 @@ class JointTargetIK:
         self.data = scene.mujoco.MjData(scene.model)
         self.damping = damping
         self.null_gain = null_gain
-        self.jnt_low, self.jnt_high = scene.model.jnt_range[[scene.model.joint(f"robot:panda0_joint{i}").id for i in range(1, 8)]].T
+        arm_joint_ids = [scene.model.joint(name).id for name in ARM_JOINTS]
+        self.jnt_low, self.jnt_high = scene.model.jnt_range[arm_joint_ids].T  # (7,), (7,)
         self.jac_pos = np.zeros((3, scene.model.nv))
         self.jac_rot = np.zeros((3, scene.model.nv))
 
@@ -142,7 +144,8 @@ class ScriptedStacker:
         self.waypoints = self._plan(rng, episode_frames)
         self.segment_ends = np.cumsum([w.frames for w in self.waypoints])
         self.start_pos = scene.data.site_xpos[scene.site_id].copy()
-        self.start_yaw = float(np.arctan2(scene.data.site_xmat[scene.site_id][3], scene.data.site_xmat[scene.site_id][0]))
+        site_rot = scene.data.site_xmat[scene.site_id]  # (9,) row-major; yaw of the site's x axis
+        self.start_yaw = float(np.arctan2(site_rot[3], site_rot[0]))
 
     def _plan(self, rng: np.random.Generator, episode_frames: int) -> list[Waypoint]:
         scene = self.scene
@@ -162,7 +165,8 @@ class ScriptedStacker:
             "open": ((b[0], b[1], place_z), place_yaw),
             "retreat": ((b[0], b[1], place_z + APPROACH_CLEARANCE), place_yaw),
         }
-        seconds = np.array([nominal * (1.0 if name in DWELLS else rng.uniform(0.8, 1.25)) for name, nominal, _ in SEGMENTS])
+        speed = [1.0 if name in DWELLS else rng.uniform(0.8, 1.25) for name, _, _ in SEGMENTS]
+        seconds = np.array([nominal for _, nominal, _ in SEGMENTS]) * speed
         seconds *= PLAN_FILL * episode_frames * scene.frame_dt / seconds.sum()
         dwell = np.array([name in DWELLS for name, _, _ in SEGMENTS])
         min_dwell = np.array([MIN_DWELL_SECONDS.get(name, 0.0) for name, _, _ in SEGMENTS])
@@ -205,4 +209,5 @@ def sample_home_qpos(scene: FrankaCubeScene, rng: np.random.Generator) -> np.nda
     """A jittered home posture (sim convention): gripper down, ~0.32 m above the table."""
     position = np.array([0.45, 0.0, 0.32]) + rng.uniform([-0.04, -0.06, -0.03], [0.04, 0.06, 0.03])
     yaw = rng.uniform(-0.2, 0.2)
-    return JointTargetIK(scene).solve(READY_QPOS_SIM, position, gripper_down_rotation(yaw), READY_QPOS_SIM, iterations=60)
+    target_rot = gripper_down_rotation(yaw)
+    return JointTargetIK(scene).solve(READY_QPOS_SIM, position, target_rot, READY_QPOS_SIM, iterations=60)

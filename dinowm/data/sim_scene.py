@@ -92,7 +92,8 @@ def franka_asset_dir() -> Path:
         raise SimSetupError(f"gymnasium-robotics (which ships the Franka model) is not installed; run: {PIP_SIM_HINT}")
     folder = Path(spec.submodule_search_locations[0]) / "envs/assets/kitchen_franka/franka_assets"
     if not (folder / "chain.xml").is_file():
-        raise SimSetupError(f"no Franka model at {folder}; run: pip install --no-deps --force-reinstall gymnasium-robotics==1.4.2")
+        reinstall = "pip install --no-deps --force-reinstall gymnasium-robotics==1.4.2"
+        raise SimSetupError(f"no Franka model at {folder}; run: {reinstall}")
     return folder
 
 
@@ -122,6 +123,8 @@ def build_scene_xml(shadows: bool) -> str:
     actuators = _include_body(assets / "actuator.xml")
     cube = CUBE_HALF
     cam = CAMERA
+    cam_pos = " ".join(map(str, cam["pos"]))
+    cam_axes = _camera_xyaxes(cam["pos"], cam["lookat"])
     return f"""
 <mujoco model="franka_cube_stack">
   {robot_assets}
@@ -140,7 +143,7 @@ def build_scene_xml(shadows: bool) -> str:
   <worldbody>
     <light name="key" pos="0.6 -0.6 2.2" dir="-0.2 0.3 -1" diffuse="0.7 0.7 0.7" castshadow="{str(shadows).lower()}"/>
     <light name="fill" pos="-0.8 0.8 2.0" dir="0.4 -0.4 -1" diffuse="0.35 0.35 0.35" castshadow="false"/>
-    <camera name="{cam['name']}" pos="{' '.join(map(str, cam['pos']))}" xyaxes="{_camera_xyaxes(cam['pos'], cam['lookat'])}" fovy="{cam['fovy']}"/>
+    <camera name="{cam['name']}" pos="{cam_pos}" xyaxes="{cam_axes}" fovy="{cam['fovy']}"/>
     <geom name="table" type="box" pos="0.35 0 -0.03" size="0.9 0.9 0.03" material="table" friction="1 0.005 0.0001"/>
     {robot_chain}
     <body name="cube_a" pos="0.5 -0.1 {cube}">
@@ -177,11 +180,12 @@ class FrankaCubeScene:
         self.data = mujoco.MjData(self.model)
         self.physics_steps_per_frame = physics_steps_per_frame
         self.frame_dt = physics_steps_per_frame * TIMESTEP
-        joint = lambda name: self.model.joint(name)
-        self.arm_qpos_ids = np.array([joint(n).qposadr[0] for n in ARM_JOINTS])
-        self.arm_dof_ids = np.array([joint(n).dofadr[0] for n in ARM_JOINTS])
-        self.finger_qpos_ids = np.array([joint(n).qposadr[0] for n in FINGER_JOINTS])
-        self.cube_qpos_ids = {c: joint(c).qposadr[0] for c in ("cube_a", "cube_b")}
+        model = self.model
+        self.arm_qpos_ids = np.array([model.joint(name).qposadr[0] for name in ARM_JOINTS])
+        self.arm_dof_ids = np.array([model.joint(name).dofadr[0] for name in ARM_JOINTS])
+        self.finger_qpos_ids = np.array([model.joint(name).qposadr[0] for name in FINGER_JOINTS])
+        self.cube_qpos_ids = {name: model.joint(name).qposadr[0] for name in ("cube_a", "cube_b")}
+        self.cube_dof_ids = {name: model.joint(name).dofadr[0] for name in ("cube_a", "cube_b")}
         self.site_id = self.model.site("end_effector").id
         self.camera_id = self.model.camera(CAMERA["name"]).id
         self.renderer = self._make_renderer() if render else None
@@ -191,7 +195,7 @@ class FrankaCubeScene:
             return self.mujoco.Renderer(self.model, IMAGE_SIZE, IMAGE_SIZE)
         except Exception as err:  # mujoco raises several types when the GL libraries are missing
             backend = os.environ.get("MUJOCO_GL", "")
-            hint = APT_OSMESA_HINT if backend == "osmesa" else f"{APT_EGL_HINT} (or {APT_OSMESA_HINT} and MUJOCO_GL=osmesa)"
+            hint = APT_OSMESA_HINT if backend == "osmesa" else f"{APT_EGL_HINT} (or: {APT_OSMESA_HINT}, MUJOCO_GL=osmesa)"
             raise SimSetupError(
                 f"cannot render with MUJOCO_GL={backend} ({type(err).__name__}: {err}); install Mesa: {hint}"
             ) from None
@@ -220,7 +224,7 @@ class FrankaCubeScene:
         adr = self.cube_qpos_ids[name]
         self.data.qpos[adr : adr + 3] = position
         self.data.qpos[adr + 3 : adr + 7] = (np.cos(yaw / 2), 0.0, 0.0, np.sin(yaw / 2))  # wxyz about z
-        self.data.qvel[self.model.joint(name).dofadr[0] : self.model.joint(name).dofadr[0] + 6] = 0.0
+        self.data.qvel[self.cube_dof_ids[name] : self.cube_dof_ids[name] + 6] = 0.0
 
     # --- observation ---------------------------------------------------------------------------
 

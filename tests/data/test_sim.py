@@ -7,7 +7,6 @@ stack every time; stacking itself is measured by `python -m dinowm.data.sim --ev
 from __future__ import annotations
 
 import importlib.util
-import pickle
 
 import numpy as np
 import pytest
@@ -57,8 +56,9 @@ def test_loads_with_the_project_loader(dataset):
 
 def test_same_seed_gives_the_same_bytes(dataset_root, tmp_path):
     again = tmp_path / "again"
-    sim.main(["--out", str(again), "--episodes", str(EPISODES), "--frames", str(FRAMES), "--seed", str(SEED), "--no-shadows"])
-    names = ["states.pth", "actions.pth", "seq_lengths.pkl", "metadata.pkl"] + [f"{i:06d}/obses.pth" for i in range(EPISODES)]
+    sim.main(["--out", str(again), "--episodes", str(EPISODES), "--frames", str(FRAMES), "--seed", str(SEED),
+              "--no-shadows"])
+    names = [*sim.DATASET_FILES, *(f"{i:06d}/obses.pth" for i in range(EPISODES))]
     for name in names:
         assert (again / name).read_bytes() == (dataset_root / name).read_bytes(), name
 
@@ -79,7 +79,8 @@ def test_state_and_action_semantics(dataset, scene):
     # state_0 is recorded before any action: the arm is still at rest.
     assert np.abs(states[:, 0, 15:22]).max() < 1e-6
     fingers = actions[..., 7:]
-    assert ((fingers >= 0.0) & (fingers <= 0.04)).all() and (fingers.min() < 0.01) and (fingers.max() == pytest.approx(0.04))
+    assert ((fingers >= 0.0) & (fingers <= 0.04)).all()
+    assert fingers.min() < 0.01 and fingers.max() == pytest.approx(0.04)  # the gripper closes and opens
     low, high = scene.model.actuator_ctrlrange[:7].T + REAL_JOINT_OFFSET  # real-robot convention
     assert ((actions[..., :7] >= low - 1e-5) & (actions[..., :7] <= high + 1e-5)).all()
     # The ee pose is the forward kinematics of the recorded (real-convention) joints.
