@@ -175,6 +175,7 @@ def generate_dataset(
     scene = FrankaCubeScene(shadows=shadows, physics_steps_per_frame=physics_steps_per_frame)
     tmp = out.parent / f"{out.name}.tmp-{os.getpid()}"
     try:
+        shutil.rmtree(tmp, ignore_errors=True)  # left over by a killed run that had the same pid
         tmp.mkdir(parents=True)
         states = np.empty((episodes, frames, 22), np.float32)
         actions = np.empty((episodes, frames, 9), np.float32)
@@ -213,8 +214,12 @@ def _move_into_place(tmp: Path, out: Path) -> None:
         old = out.parent / f"{out.name}.old-{os.getpid()}"
         os.replace(out, old)
     os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old) if old.is_dir() else old.unlink()
+    if old is None:
+        return
+    if old.is_dir():
+        shutil.rmtree(old)
+    else:
+        old.unlink()
 
 
 def ensure_demo_dataset(
