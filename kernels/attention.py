@@ -657,3 +657,55 @@ def block_causal_attention_triton(q, k, v, frame_ids, rope=None, scale=None, dro
     blocks = [] if config is None else [config.block_m, config.block_n, config.block_m_bwd, config.block_n_bwd]
     out, _ = _attention_op(q, k, v, frame_ids.to(torch.int32), cos, sin, seed, scale, float(dropout_p), blocks)
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# compile checks (kernels/compile_check.py)
+# ----------------------------------------------------------------------------------------------
+def compile_specs() -> list[dict]:
+    """Every kernel x shipped configuration (head dims 24/32/64 x fp16/bf16 x RoPE x dropout), in the
+    format of kernels/compile_check.py: ASTSource signature/constexprs plus launch options."""
+    specs = []
+    for head_dim in HEAD_DIMS:
+        cfg = config_for(head_dim)
+        for dtype in ("fp16", "bf16"):
+            ptr = f"*{dtype}"
+            for has_rope in (False, True):
+                for has_dropout in (False, True):
+                    label = f"d{head_dim},{dtype},rope={int(has_rope)},dropout={int(has_dropout)}"
+                    for name, fn, tensors, extra_ints, floats, (bm, bn), warps, stages in (
+                        ("attn_fwd", _attn_fwd_kernel, ("Q", "K", "V", "Out"), ("n_kv_blocks",),
+                         ("qk_scale", "dropout_p"), (cfg.block_m, cfg.block_n), cfg.num_warps, cfg.num_stages),
+                        ("attn_bwd_dkdv", _attn_bwd_dkdv_kernel, ("Q", "K", "V", "DO", "DK", "DV"), ("n_q_blocks",),
+                         ("sm_scale", "qk_scale", "dropout_p"), (cfg.block_m_bwd, cfg.block_n_bwd),
+                         cfg.num_warps_bwd, cfg.num_stages_bwd),
+                        ("attn_bwd_dq", _attn_bwd_dq_kernel, ("Q", "K", "V", "DO", "DQ"), ("n_kv_blocks",),
+                         ("sm_scale", "qk_scale", "dropout_p"), (cfg.block_m_bwd, cfg.block_n_bwd),
+                         cfg.num_warps_bwd, cfg.num_stages_bwd),
+                    ):
+                        constexprs = dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=_pad_head_dim(head_dim), BLOCK_M=bm,
+                                          BLOCK_N=bn, HAS_ROPE=has_rope, HAS_DROPOUT=has_dropout,
+                                          DOT=_TL_DTYPES[{"fp16": torch.float16, "bf16": torch.bfloat16}[dtype]],
+                                          ACC=tl.float32, PRECISION="tf32")
+                        signature = {}
+                        for arg in fn.arg_names:
+                            if arg in constexprs:
+                                signature[arg] = "constexpr"
+                            elif arg in tensors:
+                                signature[arg] = ptr
+                            elif arg in ("Cos", "Sin", "Lse", "Delta"):
+                                signature[arg] = "*fp32"
+                            elif arg == "Seed":
+                                signature[arg] = "*i64"
+                            elif arg[0].isupper():
+                                signature[arg] = "*i32"  # frame ids and tile lists
+                            elif arg in floats:
+                                signature[arg] = "fp32"
+                            else:
+                                signature[arg] = "i32"  # strides and sizes
+                        pointers = [a for a, t in signature.items() if t.startswith("*")]
+                        strides = [a for a in fn.arg_names if a.startswith("stride_")] if head_dim % 16 == 0 else []
+                        specs.append({"name": name, "fn": fn, "signature": signature, "constexprs": constexprs,
+                                      "num_warps": warps, "num_stages": stages, "config": label,
+                                      "expect_wgmma": True, "aligned": pointers + strides})
+    return specs
