@@ -12,6 +12,9 @@ instead: `find_class` maps
     the original classes (models.vit.*, models.vqvae.*, models.proprio.*, models.dino.*, dinov2.*)
     and torch.nn module classes                     -> _ModuleStandIn  (collects _parameters/_buffers/_modules)
     torch optimiser classes                         -> _OptimizerStandIn (collects its state)
+    accelerate.* (the original prepares its optimisers with HF accelerate: AcceleratedOptimizer,
+    AcceleratorState, enums, ...), GradScaler, and class paths the caller allows
+                                                    -> an inert _StandIn (collects whatever it is given)
     tensor rebuild functions, dtypes, containers    -> the real, harmless objects
     anything else                                   -> an error naming the class path
 
@@ -75,6 +78,9 @@ class _UnknownClass(Exception):
 class _StandIn:
     class_path = "?"
 
+    def __init__(self, *args, **kwargs):  # called by REDUCE (e.g. an enum member rebuilt from its value)
+        self._args, self._kwargs = args, kwargs
+
     def __setstate__(self, state):
         if isinstance(state, tuple):  # (dict state, slots state)
             state = {k: v for part in state if isinstance(part, dict) for k, v in part.items()}
@@ -90,6 +96,11 @@ class _ModuleStandIn(_StandIn):
 
 class _OptimizerStandIn(_StandIn):
     """Holds what a torch optimiser pickles: defaults, state, param_groups."""
+
+
+# inert stand-ins: objects of the original's optimiser wrappers, never used by the importer
+INERT_PREFIXES = ("accelerate.",)
+INERT_CLASSES = frozenset({"torch.cuda.amp.grad_scaler.GradScaler", "torch.amp.grad_scaler.GradScaler"})
 
 
 _STAND_INS: dict[str, type] = {}
@@ -127,6 +138,8 @@ def _torch_class(module: str, name: str):
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
+    allowed: tuple[str, ...] = ()  # extra class paths (or module prefixes ending in '.') given by the caller
+
     def find_class(self, module: str, name: str):
         # protocol-2 pickles name Python 2 modules (__builtin__, copy_reg); map them as pickle itself does
         if (module, name) in _compat_pickle.NAME_MAPPING:
@@ -137,6 +150,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
             return _SAFE_GLOBALS[path]
         if path in ORIGINAL_CLASSES or module.startswith("dinov2."):
             return _stand_in(path, _ModuleStandIn)
+        if path in INERT_CLASSES or module.startswith(INERT_PREFIXES) or _allowed(path, self.allowed):
+            return _stand_in(path, _StandIn)
         if module.startswith("torch.nn.modules."):
             cls = _torch_class(module, name)
             if isinstance(cls, type) and issubclass(cls, torch.nn.Module):
@@ -151,10 +166,20 @@ class _RestrictedUnpickler(pickle.Unpickler):
         raise _UnknownClass(path)
 
 
-_restricted_pickle = types.ModuleType("dinowm_restricted_pickle")
-_restricted_pickle.Unpickler = _RestrictedUnpickler
-_restricted_pickle.load = pickle.load  # legacy format: magic number and headers only
-_restricted_pickle.__name__ = "dinowm_restricted_pickle"
+def _allowed(path: str, allowed) -> bool:
+    return any(path == a or (a.endswith(".") and path.startswith(a)) for a in allowed)
+
+
+def _pickle_module(allowed=()) -> types.ModuleType:
+    """A pickle module for torch.load(pickle_module=...) whose Unpickler is the restricted one."""
+    module = types.ModuleType("dinowm_restricted_pickle")
+    module.Unpickler = type("Unpickler", (_RestrictedUnpickler,), {"allowed": tuple(allowed)})
+    module.load = pickle.load  # legacy format only: magic number and headers
+    return module
+
+
+def _is_module(obj) -> bool:
+    return isinstance(obj, _StandIn) and "_parameters" in obj.__dict__ and "_modules" in obj.__dict__
 
 
 # ----------------------------------------------------------------------------------------------
@@ -162,7 +187,7 @@ _restricted_pickle.__name__ = "dinowm_restricted_pickle"
 # ----------------------------------------------------------------------------------------------
 def _state_dict(module, prefix: str = "") -> dict:
     """The state dict nn.Module.state_dict() would give, rebuilt from a stand-in's pickled fields."""
-    if not isinstance(module, _ModuleStandIn):
+    if not _is_module(module):
         raise TypeError(f"{prefix or 'entry'} is a {type(module).__name__}, not a module")
     out = {}
     for name, p in (module.__dict__.get("_parameters") or {}).items():
@@ -221,20 +246,23 @@ def _infer(model: dict, num_frames: int | None) -> dict:
 # ----------------------------------------------------------------------------------------------
 # public API
 # ----------------------------------------------------------------------------------------------
-def import_dino_wm_checkpoint(path, num_frames: int | None = None) -> dict:
+def import_dino_wm_checkpoint(path, num_frames: int | None = None, allow_classes=()) -> dict:
     """Read an original DINO-WM checkpoint into our format (see the module docstring).
 
     num_frames: the predictor's frame count (num_hist, 3 in the original); None infers it as the
-    smallest count that leaves a square patch grid. Raises CompatError with one line naming the file.
+    smallest count that leaves a square patch grid. allow_classes: further class paths (or module
+    prefixes ending in '.') to unpickle as inert stand-ins, for checkpoints of modified original code.
+    Raises CompatError with one line naming the file.
     """
     path = Path(path)
     if not path.is_file():
         raise CompatError(f"{path}: no such file")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_restricted_pickle)
+        ckpt = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_pickle_module(allow_classes))
     except _UnknownClass as e:
         raise CompatError(f"{path}: unknown class {e.path!r} in the checkpoint (not a DINO-WM "
-                          "ViTPredictor/VQVAE/ProprioceptiveEmbedding checkpoint?); refusing to load it") from None
+                          "ViTPredictor/VQVAE/ProprioceptiveEmbedding checkpoint?); refusing to load it "
+                          "(--allow-class to accept it as an inert stand-in)") from None
     except Exception as e:  # noqa: BLE001 - anything torch/pickle raise means: not a checkpoint
         first_line = (str(e).splitlines() or [""])[0]
         raise CompatError(f"{path}: not a DINO-WM checkpoint ({type(e).__name__}: {first_line})") from None
@@ -248,7 +276,7 @@ def import_dino_wm_checkpoint(path, num_frames: int | None = None) -> dict:
     for entry in MODEL_ENTRIES:
         if entry not in ckpt:
             continue
-        if not isinstance(ckpt[entry], _ModuleStandIn):
+        if not _is_module(ckpt[entry]):
             raise CompatError(f"{path}: entry {entry!r} is a {type(ckpt[entry]).__name__}, not a pickled module")
         state = _state_dict(ckpt[entry])
         if entry == "encoder":  # models.dino.DinoV2Encoder: base_model.<official DINOv2 keys>
@@ -275,9 +303,11 @@ def main(argv=None) -> int:
     imp.add_argument("checkpoint", help="original model_latest.pth / model_<epoch>.pth")
     imp.add_argument("--out", required=True, help="output file (our format, e.g. converted.pt)")
     imp.add_argument("--num-frames", type=int, default=None, help="predictor frames (num_hist); default: inferred")
+    imp.add_argument("--allow-class", action="append", default=[], metavar="PATH",
+                     help="also unpickle this class path (or module prefix ending in '.') as an inert stand-in")
     args = parser.parse_args(argv)
     try:
-        ckpt = import_dino_wm_checkpoint(args.checkpoint, num_frames=args.num_frames)
+        ckpt = import_dino_wm_checkpoint(args.checkpoint, num_frames=args.num_frames, allow_classes=args.allow_class)
         atomic_save(ckpt, args.out)
     except (CompatError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

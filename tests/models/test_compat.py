@@ -1,5 +1,6 @@
 """Importer of original DINO-WM checkpoints: a fixture pickled under the original class paths
 (models.vit, models.vqvae, models.proprio), which are removed from sys.modules before importing."""
+import enum
 import sys
 import types
 
@@ -90,33 +91,58 @@ def _original_classes() -> dict:
             self.num_frames, self.tubelet_size, self.in_chans, self.emb_dim = num_frames, tubelet_size, in_chans, emb_dim
             self.patch_embed = nn.Conv1d(in_chans, emb_dim, kernel_size=tubelet_size, stride=tubelet_size)
 
+    # the original wraps its optimisers with HF accelerate; stand-ins of those classes
+    class DistributedType(str, enum.Enum):
+        NO = "NO"
+        MULTI_GPU = "MULTI_GPU"
+
+    class AcceleratorState:
+        def __init__(self):
+            self.distributed_type, self.device, self.num_processes = DistributedType.NO, torch.device("cpu"), 1
+
+    class AcceleratedOptimizer(torch.optim.Optimizer):
+        def __init__(self, optimizer):  # noqa: super().__init__ deliberately not called, as accelerate
+            self.optimizer, self.scaler, self.accelerator_state = optimizer, None, AcceleratorState()
+
+        def __getstate__(self):
+            return self.__dict__.copy()
+
     return {
+        "accelerate.utils.dataclasses": [DistributedType],
+        "accelerate.state": [AcceleratorState],
+        "accelerate.optimizer": [AcceleratedOptimizer],
         "models.vit": [Attention, FeedForward, Transformer, ViTPredictor],
         "models.vqvae": [Quantize, ResBlock, Decoder, VQVAE],
         "models.proprio": [ProprioceptiveEmbedding],
     }
 
 
-def _install(classes: dict) -> None:
-    sys.modules["models"] = types.ModuleType("models")
+def _install(classes: dict) -> dict:
+    """Put the stand-in modules into sys.modules; returns what they replaced."""
+    names = ["models", "accelerate", "accelerate.utils"] + list(classes)
+    saved = {name: sys.modules.get(name) for name in names}
+    for name in names:
+        sys.modules[name] = types.ModuleType(name)
     for mod_name, clss in classes.items():
-        mod = types.ModuleType(mod_name)
         for cls in clss:
             cls.__module__, cls.__qualname__ = mod_name, cls.__name__
-            setattr(mod, cls.__name__, cls)
-        sys.modules[mod_name] = mod
+            setattr(sys.modules[mod_name], cls.__name__, cls)
+    return saved
 
 
-def _uninstall(classes: dict) -> None:
-    for name in list(classes) + ["models"]:
-        sys.modules.pop(name, None)
+def _uninstall(saved: dict) -> None:
+    for name, module in saved.items():
+        if module is None:
+            sys.modules.pop(name, None)
+        else:
+            sys.modules[name] = module
 
 
 @pytest.fixture(scope="module")
 def original(tmp_path_factory):
     """An original-format checkpoint (dict of whole pickled modules + optimisers) and its state dicts."""
     classes = _original_classes()
-    _install(classes)
+    saved = _install(classes)
     try:
         mods = {c.__name__: c for cs in classes.values() for c in cs}
         predictor = mods["ViTPredictor"](num_patches=NUM_PATCHES, num_frames=NUM_FRAMES, dim=DIM, depth=2,
@@ -130,6 +156,7 @@ def original(tmp_path_factory):
         for opt, m in ((predictor_opt, predictor), (decoder_opt, decoder)):
             sum(p.sum() for p in m.parameters()).backward()
             opt.step()
+        predictor_opt = mods["AcceleratedOptimizer"](predictor_opt)
         ckpt = {"epoch": 7, "predictor": predictor, "predictor_optimizer": predictor_opt, "decoder": decoder,
                 "decoder_optimizer": decoder_opt, "action_encoder": action_encoder,
                 "proprio_encoder": proprio_encoder}
@@ -138,7 +165,7 @@ def original(tmp_path_factory):
         states = {k: {n: t.detach().clone() for n, t in ckpt[k].state_dict().items()}
                   for k in ("predictor", "decoder", "action_encoder", "proprio_encoder")}
     finally:
-        _uninstall(classes)
+        _uninstall(saved)
     return path, states
 
 
@@ -224,3 +251,6 @@ def test_unknown_original_class_is_named(tmp_path):
         sys.modules.pop("models.foo")
     with pytest.raises(CompatError, match=r"m\.pth: unknown class 'models\.foo\.Bar'"):
         import_dino_wm_checkpoint(tmp_path / "m.pth")
+    # allowed: unpickled as an inert stand-in; then its entries are not the expected modules
+    with pytest.raises(CompatError, match=r"m\.pth: entry 'action_encoder' is a int, not a pickled module"):
+        import_dino_wm_checkpoint(tmp_path / "m.pth", allow_classes=["models.foo."])
