@@ -142,7 +142,7 @@ class VWorldModel(nn.Module):
         recon = self.decode(z.detach(), size)  # (B, T, 3, S, S); the decoder never reaches the predictor
         out["decoder_recon_loss"] = F.mse_loss(recon, obs)
         out["loss"] = out["z_loss"] + out["decoder_recon_loss"]  # 0-dim
-        out["recon"] = recon
+        out["recon"] = recon.detach()  # for logging; the loss above keeps the graph
         if decode_prediction:  # logging/validation only (SPEC §7): not trained on
             with torch.no_grad():
                 pred_image = self.decode(z_pred.detach(), size)  # (B, num_hist, 3, S, S)
