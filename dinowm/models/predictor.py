@@ -48,11 +48,11 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, frame_ids: torch.Tensor) -> torch.Tensor:
         b, n, _ = x.shape
         qkv = layernorm_linear(x, self.norm.weight, self.norm.bias, self.to_qkv.weight, None,
-                                       self.norm.eps, backend=self.ln_backend)  # (B, N, 3 * H * Dh)
-        q, k, v = qkv.view(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, N, Dh)
+                               self.norm.eps, backend=self.ln_backend)  # (B, N, 3 * H * Dh)
+        q, k, v = qkv.reshape(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, N, Dh)
         out = block_causal_attention(q, k, v, frame_ids, scale=self.scale,
-                                             dropout_p=self.dropout if self.training else 0.0,
-                                             backend=self.backend)  # (B, H, N, Dh)
+                                     dropout_p=self.dropout if self.training else 0.0,
+                                     backend=self.backend)  # (B, H, N, Dh)
         out = out.transpose(1, 2).reshape(b, n, -1)  # (B, N, H * Dh)
         return self.to_out(out)
 
@@ -68,7 +68,7 @@ class FeedForward(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         norm, fc1, act, drop1, fc2, drop2 = self.net
         h = layernorm_linear(x, norm.weight, norm.bias, fc1.weight, fc1.bias, norm.eps,
-                                     backend=self.ln_backend)  # (B, N, hidden)
+                             backend=self.ln_backend)  # (B, N, hidden)
         return drop2(fc2(drop1(act(h))))
 
 

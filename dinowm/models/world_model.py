@@ -68,9 +68,9 @@ class VWorldModel(nn.Module):
         -> z (B, T, P, 384 + Ep + Ea) (concat_dim 1) or (B, T, P + 2, 384) (concat_dim 0)."""
         if self.concat_dim == 1:
             return tiled_embedding(visual, proprio, action,
-                                           self.proprio_encoder.weight, self.proprio_encoder.bias,
-                                           self.action_encoder.weight, self.action_encoder.bias,
-                                           backend=self.embedding_backend)
+                                   self.proprio_encoder.weight, self.proprio_encoder.bias,
+                                   self.action_encoder.weight, self.action_encoder.bias,
+                                   backend=self.embedding_backend)
         proprio_tok = self.proprio_encoder(proprio)[:, :, None]  # (B, T, 1, 384)
         action_tok = self.action_encoder(action)[:, :, None]  # (B, T, 1, 384)
         return torch.cat([visual, proprio_tok.to(visual.dtype), action_tok.to(visual.dtype)], dim=2)
