@@ -162,7 +162,7 @@ def _tiled_embedding_bwd_kernel(
     dpe = tl.zeros((BLOCK_EP,), dtype=ACC_DTYPE)
     dae = tl.zeros((BLOCK_EA,), dtype=ACC_DTYPE)
     for p0 in range(0, P, BLOCK_P):
-        ps = p0 + offs_p
+        ps = (p0 + offs_p).to(tl.int64)
         rows = DOut + frame * stride_do_f + ps[:, None] * stride_do_p + Dv
         g = tl.load(rows + ep[None, :], mask=(ps < P)[:, None] & (ep < Ep)[None, :], other=0.0).to(ACC_DTYPE)
         dpe += tl.sum(g, axis=0)

@@ -290,7 +290,7 @@ def _layernorm_linear_bwd_dw_kernel(
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=ACC_DTYPE)
     db = tl.zeros((BLOCK_N,), dtype=ACC_DTYPE)
     for m0 in range(0, M, BLOCK_M):
-        rows = m0 + offs_m
+        rows = (m0 + offs_m).to(tl.int64)
         row_mask = rows < M
         # -- recompute the LN output tile xt (BLOCK_M, BLOCK_K) --
         mean = tl.load(Mean + rows, mask=row_mask, other=0.0).to(ACC_DTYPE)
