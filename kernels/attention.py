@@ -40,8 +40,8 @@ regenerated identically in both backward kernels; `dropout_keep_mask` reproduces
 Numerics: loads are upcast to ACC (fp32, fp64 for gradcheck) right away, RoPE is applied in ACC from
 the fp32 tables, dot inputs are cast to DOT (the input dtype; fp32 for bf16 under the interpreter,
 whose bf16 arithmetic is broken), dots accumulate in ACC, LSE/Delta are ACC. Limits: D <= 64, N <
-46341 (int32 dropout offsets), no autotuning (one fixed config per padded head dim, chosen to
-compile without spills on sm_80 and sm_90; see `compile_specs`).
+46341 (int32 dropout offsets), no autotuning (one fixed config per padded head dim and dropout, chosen to
+compile without spills on sm_80 and sm_90; see `CONFIGS` and `compile_specs`).
 """
 from __future__ import annotations
 
@@ -399,23 +399,25 @@ def _dropout_mask_kernel(
 # ----------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class AttentionConfig:
-    """Tile sizes and launch parameters of the forward and both backward kernels."""
+    """Tiles and launch parameters per kernel: (BLOCK_M, BLOCK_N, num_warps, num_stages) each."""
 
-    block_m: int
-    block_n: int
-    num_warps: int
-    num_stages: int
-    block_m_bwd: int
-    block_n_bwd: int
-    num_warps_bwd: int
-    num_stages_bwd: int
+    fwd: tuple[int, int, int, int]
+    dkdv: tuple[int, int, int, int]
+    dq: tuple[int, int, int, int]
+
+    def blocks(self) -> list[int]:
+        """The six tile sizes, as the custom op takes them."""
+        return [*self.fwd[:2], *self.dkdv[:2], *self.dq[:2]]
 
 
-# One fixed config per padded head dim (no autotuning: it needs a driver). Checked by
-# `python -m kernels.compile_check` to compile without spills on sm_80 and sm_90.
+# One fixed config per (padded head dim, dropout) (no autotuning: it needs a driver). Checked by
+# `python -m kernels.compile_check` to compile without spills on sm_80 and sm_90 with wgmma on sm_90.
+# Dropout tiles are smaller: Philox keeps ~6 words of state per score element in registers.
 CONFIGS = {
-    32: AttentionConfig(128, 64, 4, 3, 64, 64, 4, 2),
-    64: AttentionConfig(128, 64, 4, 3, 64, 64, 4, 2),
+    (32, False): AttentionConfig(fwd=(128, 64, 4, 3), dkdv=(64, 64, 4, 2), dq=(64, 64, 4, 2)),
+    (32, True): AttentionConfig(fwd=(128, 32, 8, 3), dkdv=(32, 64, 4, 2), dq=(64, 32, 4, 2)),
+    (64, False): AttentionConfig(fwd=(128, 64, 4, 3), dkdv=(64, 64, 4, 2), dq=(64, 64, 4, 2)),
+    (64, True): AttentionConfig(fwd=(128, 32, 8, 3), dkdv=(32, 64, 4, 2), dq=(64, 32, 4, 2)),
 }
 HEAD_DIMS = (24, 32, 64)
 
@@ -424,11 +426,11 @@ def _pad_head_dim(head_dim: int) -> int:
     return max(32, triton.next_power_of_2(head_dim))
 
 
-def config_for(head_dim: int) -> AttentionConfig:
+def config_for(head_dim: int, dropout: bool = False) -> AttentionConfig:
     pad = _pad_head_dim(head_dim)
-    if pad not in CONFIGS:
-        raise ValueError(f"head dim {head_dim} unsupported by the Triton attention (max {max(CONFIGS)})")
-    return CONFIGS[pad]
+    if (pad, dropout) not in CONFIGS:
+        raise ValueError(f"head dim {head_dim} unsupported by the Triton attention (max 64)")
+    return CONFIGS[pad, dropout]
 
 
 def block_maps(frame_ids: torch.Tensor, block_m: int, block_n: int):
@@ -518,27 +520,27 @@ def attention_fwd(q, k, v, frame_ids, cos=None, sin=None, seed=None, scale=None,
     _check_inputs(q, k, v, frame_ids, cos, sin)
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     b, h, n, d = q.shape
-    cfg = config or config_for(d)
+    has_rope, has_dropout = cos is not None, dropout_p > 0.0
+    block_m, block_n, num_warps, num_stages = (config or config_for(d, has_dropout)).fwd
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     dot, acc, precision, acc_dtype = _dtypes(q.dtype)
-    has_rope, has_dropout = cos is not None, dropout_p > 0.0
     if has_dropout and seed is None:
         raise ValueError("dropout_p > 0 needs a seed")
     frame_ids = frame_ids.to(device=q.device, dtype=torch.int32).contiguous()
-    kv_count, kv_idx, _, _ = block_maps(frame_ids, cfg.block_m, cfg.block_n)
+    kv_count, kv_idx, _, _ = block_maps(frame_ids, block_m, block_n)
     out = torch.empty_like(q, memory_format=torch.contiguous_format) if out is None else out
     lse = torch.empty((b, h, n), device=q.device, dtype=acc_dtype) if lse is None else lse
     dummy = frame_ids  # any pointer: never read when the feature is off
     cos = cos.float().contiguous() if has_rope else dummy
     sin = sin.float().contiguous() if has_rope else dummy
-    grid = (triton.cdiv(n, cfg.block_m), b * h)
+    grid = (triton.cdiv(n, block_m), b * h)
     _attn_fwd_kernel[grid](
         q, k, v, cos, sin, frame_ids, kv_count, kv_idx, seed if has_dropout else dummy, out, lse,
         *_bhn_strides(q), *_bhn_strides(k), *_bhn_strides(v), *_bhn_strides(out),
         h, n, kv_idx.shape[1], scale * LOG2E, float(dropout_p),
-        HEAD_DIM=d, HEAD_DIM_PAD=_pad_head_dim(d), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        HEAD_DIM=d, HEAD_DIM_PAD=_pad_head_dim(d), BLOCK_M=block_m, BLOCK_N=block_n,
         HAS_ROPE=has_rope, HAS_DROPOUT=has_dropout, DOT=dot, ACC=acc, PRECISION=precision,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=num_warps, num_stages=num_stages,
     )
     return out, lse
 
@@ -549,12 +551,11 @@ def attention_bwd(do, q, k, v, out, lse, frame_ids, cos=None, sin=None, seed=Non
     _check_inputs(q, k, v, frame_ids, cos, sin)
     q, k, v, do = _unit_last(q), _unit_last(k), _unit_last(v), _unit_last(do)
     b, h, n, d = q.shape
-    cfg = config or config_for(d)
+    has_rope, has_dropout = cos is not None, dropout_p > 0.0
+    cfg = config or config_for(d, has_dropout)
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     dot, acc, precision, acc_dtype = _dtypes(q.dtype)
-    has_rope, has_dropout = cos is not None, dropout_p > 0.0
     frame_ids = frame_ids.to(device=q.device, dtype=torch.int32).contiguous()
-    kv_count, kv_idx, q_count, q_idx = block_maps(frame_ids, cfg.block_m_bwd, cfg.block_n_bwd)
     delta = (do.to(acc_dtype) * out.to(acc_dtype)).sum(-1).contiguous()  # (B, H, N)
     lse = lse.contiguous()
     dq = torch.empty_like(q, memory_format=torch.contiguous_format) if dq is None else dq
@@ -564,19 +565,25 @@ def attention_bwd(do, q, k, v, out, lse, frame_ids, cos=None, sin=None, seed=Non
     cos = cos.float().contiguous() if has_rope else dummy
     sin = sin.float().contiguous() if has_rope else dummy
     seed = seed if has_dropout else dummy
-    meta = dict(HEAD_DIM=d, HEAD_DIM_PAD=_pad_head_dim(d), BLOCK_M=cfg.block_m_bwd, BLOCK_N=cfg.block_n_bwd,
-                HAS_ROPE=has_rope, HAS_DROPOUT=has_dropout, DOT=dot, ACC=acc, PRECISION=precision,
-                num_warps=cfg.num_warps_bwd, num_stages=cfg.num_stages_bwd)
+    meta = dict(HEAD_DIM=d, HEAD_DIM_PAD=_pad_head_dim(d), HAS_ROPE=has_rope, HAS_DROPOUT=has_dropout,
+                DOT=dot, ACC=acc, PRECISION=precision)
     common = (*_bhn_strides(q), *_bhn_strides(k), *_bhn_strides(v), *_bhn_strides(do))
-    _attn_bwd_dkdv_kernel[(triton.cdiv(n, cfg.block_n_bwd), b * h)](
+
+    block_m, block_n, num_warps, num_stages = cfg.dkdv
+    _, _, q_count, q_idx = block_maps(frame_ids, block_m, block_n)
+    _attn_bwd_dkdv_kernel[(triton.cdiv(n, block_n), b * h)](
         q, k, v, do, cos, sin, frame_ids, q_count, q_idx, seed, lse, delta, dk, dv,
         *common, *_bhn_strides(dk), *_bhn_strides(dv),
-        h, n, q_idx.shape[1], scale, scale * LOG2E, float(dropout_p), **meta,
+        h, n, q_idx.shape[1], scale, scale * LOG2E, float(dropout_p),
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages, **meta,
     )
-    _attn_bwd_dq_kernel[(triton.cdiv(n, cfg.block_m_bwd), b * h)](
+    block_m, block_n, num_warps, num_stages = cfg.dq
+    kv_count, kv_idx, _, _ = block_maps(frame_ids, block_m, block_n)
+    _attn_bwd_dq_kernel[(triton.cdiv(n, block_m), b * h)](
         q, k, v, do, cos, sin, frame_ids, kv_count, kv_idx, seed, lse, delta, dq,
         *common, *_bhn_strides(dq),
-        h, n, kv_idx.shape[1], scale, scale * LOG2E, float(dropout_p), **meta,
+        h, n, kv_idx.shape[1], scale, scale * LOG2E, float(dropout_p),
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages, **meta,
     )
     return dq, dk, dv
 
@@ -592,18 +599,20 @@ def dropout_keep_mask(seed: torch.Tensor, batch: int, heads: int, n_ctx: int, dr
 # ----------------------------------------------------------------------------------------------
 # custom op + autograd
 # ----------------------------------------------------------------------------------------------
-def _config_from(blocks: list[int], head_dim: int) -> AttentionConfig:
-    base = config_for(head_dim)
+def _config_from(blocks: list[int], head_dim: int, dropout_p: float) -> AttentionConfig:
+    """The shipped config, or the six tile sizes of `AttentionConfig.blocks()` (tests) with its warps/stages."""
+    base = config_for(head_dim, dropout_p > 0.0)
     if not blocks:
         return base
-    return dataclasses.replace(base, block_m=blocks[0], block_n=blocks[1], block_m_bwd=blocks[2], block_n_bwd=blocks[3])
+    return AttentionConfig(fwd=(*blocks[0:2], *base.fwd[2:]), dkdv=(*blocks[2:4], *base.dkdv[2:]),
+                           dq=(*blocks[4:6], *base.dq[2:]))
 
 
 @torch.library.custom_op("kernels::block_causal_attention", mutates_args=())
 def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, frame_ids: torch.Tensor,
                   cos: torch.Tensor | None, sin: torch.Tensor | None, seed: torch.Tensor | None,
                   scale: float, dropout_p: float, blocks: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    return attention_fwd(q, k, v, frame_ids, cos, sin, seed, scale, dropout_p, _config_from(blocks, q.shape[-1]))
+    return attention_fwd(q, k, v, frame_ids, cos, sin, seed, scale, dropout_p, _config_from(blocks, q.shape[-1], dropout_p))
 
 
 @_attention_op.register_fake
@@ -618,7 +627,7 @@ def _attention_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
                       sin: torch.Tensor | None, seed: torch.Tensor | None, scale: float, dropout_p: float,
                       blocks: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return attention_bwd(do, q, k, v, out, lse, frame_ids, cos, sin, seed, scale, dropout_p,
-                         _config_from(blocks, q.shape[-1]))
+                         _config_from(blocks, q.shape[-1], dropout_p))
 
 
 @_attention_bwd_op.register_fake
@@ -654,7 +663,7 @@ def block_causal_attention_triton(q, k, v, frame_ids, rope=None, scale=None, dro
     seed = None
     if dropout_p > 0.0:
         seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=q.device)
-    blocks = [] if config is None else [config.block_m, config.block_n, config.block_m_bwd, config.block_n_bwd]
+    blocks = [] if config is None else config.blocks()
     out, _ = _attention_op(q, k, v, frame_ids.to(torch.int32), cos, sin, seed, scale, float(dropout_p), blocks)
     return out
 
@@ -667,21 +676,18 @@ def compile_specs() -> list[dict]:
     format of kernels/compile_check.py: ASTSource signature/constexprs plus launch options."""
     specs = []
     for head_dim in HEAD_DIMS:
-        cfg = config_for(head_dim)
         for dtype in ("fp16", "bf16"):
             ptr = f"*{dtype}"
             for has_rope in (False, True):
                 for has_dropout in (False, True):
+                    cfg = config_for(head_dim, has_dropout)
                     label = f"d{head_dim},{dtype},rope={int(has_rope)},dropout={int(has_dropout)}"
-                    for name, fn, tensors, extra_ints, floats, (bm, bn), warps, stages in (
-                        ("attn_fwd", _attn_fwd_kernel, ("Q", "K", "V", "Out"), ("n_kv_blocks",),
-                         ("qk_scale", "dropout_p"), (cfg.block_m, cfg.block_n), cfg.num_warps, cfg.num_stages),
-                        ("attn_bwd_dkdv", _attn_bwd_dkdv_kernel, ("Q", "K", "V", "DO", "DK", "DV"), ("n_q_blocks",),
-                         ("sm_scale", "qk_scale", "dropout_p"), (cfg.block_m_bwd, cfg.block_n_bwd),
-                         cfg.num_warps_bwd, cfg.num_stages_bwd),
-                        ("attn_bwd_dq", _attn_bwd_dq_kernel, ("Q", "K", "V", "DO", "DQ"), ("n_kv_blocks",),
-                         ("sm_scale", "qk_scale", "dropout_p"), (cfg.block_m_bwd, cfg.block_n_bwd),
-                         cfg.num_warps_bwd, cfg.num_stages_bwd),
+                    for name, fn, tensors, floats, (bm, bn, warps, stages) in (
+                        ("attn_fwd", _attn_fwd_kernel, ("Q", "K", "V", "Out"), ("qk_scale", "dropout_p"), cfg.fwd),
+                        ("attn_bwd_dkdv", _attn_bwd_dkdv_kernel, ("Q", "K", "V", "DO", "DK", "DV"),
+                         ("sm_scale", "qk_scale", "dropout_p"), cfg.dkdv),
+                        ("attn_bwd_dq", _attn_bwd_dq_kernel, ("Q", "K", "V", "DO", "DQ"),
+                         ("sm_scale", "qk_scale", "dropout_p"), cfg.dq),
                     ):
                         constexprs = dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=_pad_head_dim(head_dim), BLOCK_M=bm,
                                           BLOCK_N=bn, HAS_ROPE=has_rope, HAS_DROPOUT=has_dropout,

@@ -15,8 +15,8 @@ from kernels.attention import AttentionConfig
 
 from _parity import assert_parity
 
-SMALL = AttentionConfig(16, 32, 4, 3, 32, 16, 4, 2)  # many tiles for few tokens
-TINY = AttentionConfig(16, 16, 4, 3, 16, 16, 4, 2)
+SMALL = AttentionConfig(fwd=(16, 32, 4, 3), dkdv=(32, 16, 4, 2), dq=(16, 32, 4, 2))  # many tiles, few tokens
+TINY = AttentionConfig(fwd=(16, 16, 4, 3), dkdv=(16, 16, 4, 2), dq=(16, 16, 4, 2))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -165,7 +165,7 @@ def test_triton_gradcheck_fp64_dropout():
     q, k, v, _, frame_ids, tables = make_case(1, 1, 2, 9, 24, torch.float64, "rope")
     q, k, v = (x.requires_grad_() for x in (q, k, v))
     seed = torch.tensor([1234], dtype=torch.int64)
-    blocks = [16, 16, 16, 16]
+    blocks = TINY.blocks()
 
     def fn(q_, k_, v_):
         return attention._attention_op(q_, k_, v_, frame_ids, *tables, seed, 0.3, 0.25, blocks)[0]
@@ -184,11 +184,12 @@ def test_dropout_mask_statistics():
     assert (other != keep).float().mean() > 0.1
 
 
-def test_dropout_matches_reproduced_mask():
+@pytest.mark.parametrize("config", [SMALL, None], ids=["small-tiles", "shipped"])
+def test_dropout_matches_reproduced_mask(config):
     p = 0.1
     q, k, v, do, frame_ids, tables = make_case(2, 1, 3, 21, 64, torch.float32, None)
     seed = torch.tensor([99], dtype=torch.int64)
-    out, lse, dq, dk, dv = run_triton_poisoned(q, k, v, do, frame_ids, tables, SMALL, seed=seed, dropout_p=p)
+    out, lse, dq, dk, dv = run_triton_poisoned(q, k, v, do, frame_ids, tables, config, seed=seed, dropout_p=p)
     keep = attention.dropout_keep_mask(seed, 2, 1, q.shape[2], p)
 
     def ref(q_, k_, v_):
