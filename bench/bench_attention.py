@@ -1,0 +1,119 @@
+"""Frame-block-causal attention: fast paths against the baselines of KERNELS.md.
+
+    BENCH_THREADS=1 pytest bench/bench_attention.py --benchmark-only --benchmark-group-by=group,param
+    pytest bench/bench_attention.py --benchmark-disable -q        # each benchmark once, small shapes
+
+Shapes (SPEC §5, §11): `dinowm` = B x 3 frames x 256 patch tokens, 16 heads x 64, no RoPE;
+`ac` = B x 7 frames x (2 + 256) tokens, 16 heads x 24, 3-axis RoPE. B = 32 / 1 on CUDA, 4 / 1 on
+CPU; under --benchmark-disable B = 1 and 2 heads.
+
+Providers: `triton` (CUDA only), `frame_prefix` (per-frame prefix SDPA: the `sdpa` backend and the
+CPU fast path), `sdpa_dense` (SDPA with the dense boolean mask), `flex` (compiled FlexAttention with
+a BlockMask; forward only on CPU), `reference`. RoPE is a separate pass in every provider but triton.
+
+extra_info: shape, dtype, device, achieved GFLOP/s (attention FLOPs = 4 b h d x allowed score
+entries, backward 2.5x the forward) and `speedup_vs_<baseline>` = t_baseline / t_provider for every
+other provider (baselines timed once per session with the same inputs).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels import dispatch, reference
+
+SHAPES = {
+    # name: (frames, tokens/frame, cond tokens, heads, head dim, rope, batch on CUDA, batch on CPU)
+    "dinowm": (3, 256, 0, 16, 64, False, 32, 4),
+    "ac": (7, 258, 2, 16, 24, True, 1, 1),
+}
+PROVIDERS = ("triton", "frame_prefix", "sdpa_dense", "flex", "reference")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def _provider_fn(provider):
+    if provider == "triton":
+        from kernels.attention import block_causal_attention_triton
+
+        return block_causal_attention_triton
+    return {"frame_prefix": dispatch.frame_prefix_attention, "sdpa_dense": dispatch.sdpa_dense_attention,
+            "flex": dispatch.flex_block_causal_attention,
+            "reference": reference.block_causal_attention_ref}[provider]
+
+
+def _unsupported(provider, mode, device):
+    if provider == "triton" and device.type != "cuda":
+        return "triton is timed on CUDA only (the interpreter is not a benchmark)"
+    if provider == "flex" and mode == "fwd_bwd" and device.type == "cpu":
+        return "FlexAttention on CPU is forward only in torch 2.13"
+    return None
+
+
+def _inputs(shape, dtype, device, small):
+    frames, tpf, cond, heads, head_dim, rope, batch_cuda, batch_cpu = SHAPES[shape]
+    batch = 1 if small else (batch_cuda if device.type == "cuda" else batch_cpu)
+    heads = 2 if small else heads
+    if cond:
+        side = int((tpf - cond) ** 0.5)
+        positions, frame_ids = reference.ac_token_positions(frames, side, side, cond, device=device)
+    else:
+        frame_ids = reference.frame_ids_for(frames, tpf, device=device)
+    tables = reference.rope_tables(positions, head_dim) if rope else None
+    n = frame_ids.numel()
+    q, k, v, do = (torch.randn(batch, heads, n, head_dim, device=device, dtype=dtype) for _ in range(4))
+    flops = 4 * batch * heads * head_dim * int(reference.block_causal_mask(frame_ids).sum())
+    return q, k, v, do, frame_ids, tables, flops
+
+
+def _runner(provider, mode, q, k, v, do, frame_ids, tables):
+    fn = _provider_fn(provider)
+    if mode == "fwd":
+        def run():
+            with torch.no_grad():
+                return fn(q, k, v, frame_ids, tables)
+        return run
+    leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+
+    def run():
+        out = fn(*leaves, frame_ids, tables)
+        torch.autograd.grad(out, leaves, do)
+    return run
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("mode", ["fwd", "fwd_bwd"])
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_attention(benchmark, bench_utils, timing_cache, device, shape, dtype_name, mode, provider):
+    reason = _unsupported(provider, mode, device)
+    if reason:
+        pytest.skip(reason)
+    small = bench_utils.is_disabled(benchmark)
+    torch.manual_seed(0)
+    q, k, v, do, frame_ids, tables, flops = _inputs(shape, DTYPES[dtype_name], device, small)
+    run = _runner(provider, mode, q, k, v, do, frame_ids, tables)
+    benchmark.group = f"attention-{shape}-{dtype_name}-{mode}"
+
+    def timed():
+        run()
+        bench_utils.synchronize(device)
+
+    rounds = 5 if device.type == "cpu" else 20
+    benchmark.pedantic(timed, rounds=rounds, warmup_rounds=1 if small else 2, iterations=1)
+    if small:
+        return
+    total_flops = flops * (3.5 if mode == "fwd_bwd" else 1.0)
+    seconds = benchmark.stats.stats.min
+    benchmark.extra_info.update(
+        shape=f"{tuple(q.shape)} frames={int(frame_ids.max()) + 1}", dtype=dtype_name, mode=mode,
+        provider=provider, device=bench_utils.device_name(device), gflops=round(total_flops / seconds / 1e9, 2),
+    )
+    key = (shape, dtype_name, mode)
+    timing_cache[(*key, provider)] = seconds
+    for baseline in PROVIDERS:
+        if baseline == provider or _unsupported(baseline, mode, device):
+            continue
+        if (*key, baseline) not in timing_cache:
+            timing_cache[(*key, baseline)] = bench_utils.best_time(
+                _runner(baseline, mode, q, k, v, do, frame_ids, tables), device, rounds=3)
+        benchmark.extra_info[f"speedup_vs_{baseline}"] = round(timing_cache[(*key, baseline)] / seconds, 3)
