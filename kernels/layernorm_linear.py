@@ -537,7 +537,17 @@ _layernorm_linear_op.register_autograd(_backward, setup_context=_setup_context)
 
 def layernorm_linear_triton(x, ln_weight, ln_bias, weight, bias, eps=1e-5):
     """Linear(LayerNorm(x)) in Triton. x: (..., K); ln_weight/ln_bias: (K,) or None; weight: (N, K);
-    bias: (N,) or None -> (..., N)."""
+    bias: (N,) or None -> (..., N).
+
+    Under torch.autocast every input is cast to the autocast dtype first (as autocast does for
+    F.linear; the statistics are still computed in fp32), so fp32 parameters and a bf16 residual
+    stream meet on the tensor-core path instead of failing the dtype check.
+    """
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        x, ln_weight, ln_bias, weight, bias = (None if t is None else t.to(dtype)
+                                               for t in (x, ln_weight, ln_bias, weight, bias))
     return _layernorm_linear_op(x, ln_weight, ln_bias, weight, bias, float(eps))[0]
 
 

@@ -199,6 +199,26 @@ def test_bf16_under_the_interpreter():
     check_all(make_inputs((21,), 404, 40, torch.bfloat16), 1e-5, torch.bfloat16)
 
 
+def test_autocast_casts_inputs():
+    """Under autocast, fp32 parameters and a bf16 activation go through the bf16 path (no dtype error),
+    output bf16 like F.linear under autocast, and gradients come back in each input's dtype."""
+    x, gamma, beta, w, b = make_inputs((19,), 404, 40, torch.float32)
+    leaves = [x.bfloat16().requires_grad_(), *(t.requires_grad_() for t in (gamma, beta, w, b))]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = lnl.layernorm_linear_triton(*leaves, 1e-5)
+        y_torch = layernorm_linear_ref(*[t.detach() for t in leaves], 1e-5)
+    assert y.dtype == y_torch.dtype == torch.bfloat16
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, leaves, dy)
+    assert [g.dtype for g in grads] == [t.dtype for t in leaves]
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    ref = layernorm_linear_ref(*ref_leaves, 1e-5)
+    ref_grads = torch.autograd.grad(ref, ref_leaves, dy.double())
+    assert_parity(y, ref, y_torch, name="y")
+    for name, g, r in zip(NAMES[1:], grads, ref_grads):
+        assert_parity(g, r, floor=1e-2, name=name)  # bf16 inputs: relative error at bf16 resolution
+
+
 # ----------------------------------------------------------------------------------------------
 # GPU only
 # ----------------------------------------------------------------------------------------------
