@@ -46,11 +46,14 @@ import triton.language as tl
 # One fixed configuration per kernel and input precision (autotune with several configs fails without
 # a GPU driver). fp16/bf16 dots run on tensor cores (wgmma on sm_90); fp32 dots are IEEE FMA loops
 # and need smaller tiles to stay spill-free. fp64 (gradcheck under the interpreter) uses "fp32".
+# Tiles are chosen spill-free both for row strides that are multiples of 16 elements (K = 384) and for
+# those that are not (K = 404: rows are not 16-byte aligned, loads cannot be vectorised and every
+# element needs its own address register) -- see `compile_specs` and kernels.compile_check.
 CONFIGS = {
-    "fwd": {"lowp": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3),
+    "fwd": {"lowp": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=16, GROUP_M=8, num_warps=8, num_stages=3),
             "fp32": dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=16, GROUP_M=8, num_warps=8, num_stages=3)},
-    "bwd_dx": {"lowp": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3),
-               "fp32": dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, num_warps=8, num_stages=3)},
+    "bwd_dx": {"lowp": dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, num_warps=8, num_stages=3),
+               "fp32": dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, num_warps=8, num_stages=3)},
     "bwd_dw": {"lowp": dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
                "fp32": dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=3)},
     "bwd_dln": {"lowp": dict(BLOCK_K=128, num_warps=4, num_stages=1),
@@ -555,7 +558,8 @@ def layernorm_linear_triton(x, ln_weight, ln_bias, weight, bias, eps=1e-5):
 # compile check (kernels.compile_check)
 # ----------------------------------------------------------------------------------------------
 def compile_specs():
-    """Every kernel at its shipped configuration for fp16 / bf16 / fp32 inputs, all options on."""
+    """Every kernel at its shipped configuration for fp16 / bf16 / fp32 inputs, all options on, with row
+    strides divisible by 16 (K = 384) and not (K = 404): Triton specialises on that at launch."""
     fp = {"fp16": ("*fp16", tl.float16, "lowp"), "bf16": ("*bf16", tl.bfloat16, "lowp"), "fp32": ("*fp32", tl.float32, "fp32")}
     kernels = {
         "fwd": (_layernorm_linear_fwd_kernel, ("X", "LnW", "LnB", "W", "B", "Y"), ("Mean", "Rstd"), ("eps",)),
@@ -578,11 +582,15 @@ def compile_specs():
             sig.update({f: "fp32" for f in floats})
             sig.update({c: "constexpr" for c in consts})
             label = ",".join(f"{k}={v}" for k, v in cfg.items() if k.startswith("BLOCK") or k == "GROUP_M")
-            specs.append({
-                "name": f"layernorm_linear_{kname}", "fn": fn, "signature": sig, "constexprs": consts,
-                "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"],
-                "config": f"{dname} {label} w{cfg['num_warps']}s{cfg['num_stages']}",
-                "expect_wgmma": precision == "lowp" and kname != "bwd_dln",
-                "aligned": list(io_ptrs + fp32_ptrs) + [a for a in fn.arg_names if a.startswith("stride")],
-            })
+            strides = [a for a in fn.arg_names if a.startswith("stride")]
+            for aligned in (True, False) if strides else (True,):
+                specs.append({
+                    "name": f"layernorm_linear_{kname}", "fn": fn, "signature": sig, "constexprs": consts,
+                    "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"],
+                    "config": f"{dname} {label} w{cfg['num_warps']}s{cfg['num_stages']} "
+                              f"{'K%16=0' if aligned else 'K=404'}",
+                    "expect_wgmma": precision == "lowp" and kname != "bwd_dln",
+                    # base pointers are 16-byte aligned (torch allocations); row strides depend on K
+                    "aligned": list(io_ptrs + fp32_ptrs) + (strides if aligned else []),
+                })
     return specs
