@@ -133,9 +133,9 @@ class Trainer:
         self.step = self.epoch = self.batch_in_epoch = 0
         if checkpoint:
             self._load_state(checkpoint)
-        if t.compile:
-            self.model.predictor = torch.compile(self.model.predictor)
-            self.model.decoder = torch.compile(self.model.decoder)
+        if t.compile:  # Module.compile keeps the state-dict keys (no "_orig_mod." prefix)
+            self.model.predictor.compile()
+            self.model.decoder.compile()
 
         self.cache = None
         if t.feature_cache:
