@@ -72,24 +72,33 @@ def _rotate_pairs(x, ROWS: tl.constexpr, HEAD_DIM_PAD: tl.constexpr):
 
 
 @triton.jit
-def _rope(x, Cos, Sin, offs_n, offs_d, n_ctx,
-          HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, ROWS: tl.constexpr, TRANSPOSE: tl.constexpr):
-    """rope(x) = x * cos + rot(x) * sin, or its transpose rope^T(g) = g * cos - rot(g * sin)."""
+def _rope_transpose(g, Cos, Sin, offs_n, offs_d, n_ctx,
+                    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, ROWS: tl.constexpr):
+    """rope^T(g) = g * cos - rot(g * sin) of a (ROWS, HEAD_DIM_PAD) gradient tile (epilogues only)."""
     mask = (offs_n[:, None] < n_ctx) & (offs_d[None, :] < HEAD_DIM)
     table = offs_n[:, None] * HEAD_DIM + offs_d[None, :]  # tables are contiguous (N, D)
-    cos = tl.load(Cos + table, mask=mask, other=1.0).to(x.dtype)
-    sin = tl.load(Sin + table, mask=mask, other=0.0).to(x.dtype)
-    if TRANSPOSE:
-        return x * cos - _rotate_pairs(x * sin, ROWS, HEAD_DIM_PAD)
-    else:
-        return x * cos + _rotate_pairs(x, ROWS, HEAD_DIM_PAD) * sin
+    cos = tl.load(Cos + table, mask=mask, other=1.0).to(g.dtype)
+    sin = tl.load(Sin + table, mask=mask, other=0.0).to(g.dtype)
+    return g * cos - _rotate_pairs(g * sin, ROWS, HEAD_DIM_PAD)
 
 
 @triton.jit
-def _load_tile(Base, offs_n, offs_d, stride_n, n_ctx, HEAD_DIM: tl.constexpr, ACC: tl.constexpr):
-    """(len(offs_n), HEAD_DIM_PAD) tile of a (N, D) slice with unit last stride, zero-padded, upcast to ACC."""
+def _load_tile(Base, offs_n, offs_d, stride_n, n_ctx, Cos, Sin,
+               HEAD_DIM: tl.constexpr, ROPE: tl.constexpr, ACC: tl.constexpr):
+    """(len(offs_n), HEAD_DIM_PAD) tile of a (N, D) slice with unit last stride, zero-padded, upcast to
+    ACC, rotated if ROPE: rope(x) = x * cos + rot(x) * sin, with rot(x)[d] = -+x[d ^ 1] read from
+    memory (a second, cached load) rather than shuffled in registers."""
     mask = (offs_n[:, None] < n_ctx) & (offs_d[None, :] < HEAD_DIM)
-    return tl.load(Base + offs_n[:, None] * stride_n + offs_d[None, :], mask=mask, other=0.0).to(ACC)
+    rows = Base + offs_n[:, None] * stride_n
+    x = tl.load(rows + offs_d[None, :], mask=mask, other=0.0).to(ACC)
+    if ROPE:
+        partner = tl.load(rows + (offs_d ^ 1)[None, :], mask=mask, other=0.0).to(ACC)
+        table = offs_n[:, None] * HEAD_DIM + offs_d[None, :]  # tables are contiguous (N, D)
+        cos = tl.load(Cos + table, mask=mask, other=1.0).to(ACC)
+        sin = tl.load(Sin + table, mask=mask, other=0.0).to(ACC)
+        sign = tl.where(offs_d % 2 == 0, -1.0, 1.0).to(ACC)
+        x = x * cos + (sign[None, :] * partner) * sin
+    return x
 
 
 @triton.jit
@@ -107,10 +116,8 @@ def _attn_fwd_inner(acc, l_i, m_i, q, fq, offs_m, start_n,
                     DOT: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr, FrameIds):
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
-    k = _load_tile(K_bh, offs_n, offs_d, stride_kn, n_ctx, HEAD_DIM, ACC)
-    if HAS_ROPE:
-        k = _rope(k, Cos, Sin, offs_n, offs_d, n_ctx, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, False)
-    v = _load_tile(V_bh, offs_n, offs_d, stride_vn, n_ctx, HEAD_DIM, ACC)
+    k = _load_tile(K_bh, offs_n, offs_d, stride_kn, n_ctx, Cos, Sin, HEAD_DIM, HAS_ROPE, ACC)
+    v = _load_tile(V_bh, offs_n, offs_d, stride_vn, n_ctx, Cos, Sin, HEAD_DIM, False, ACC)
     # -- scores (log2 domain) --
     s = tl.dot(q, tl.trans(k.to(DOT)), input_precision=PRECISION, out_dtype=ACC) * qk_scale
     if MASKED:
@@ -165,10 +172,8 @@ def _attn_fwd_kernel(
         seed = tl.load(Seed) + pid_bh.to(tl.int64) * 4294967296
 
     # -- query tile, rotated, kept in registers --
-    q = _load_tile(Q + off_b * stride_qb + off_h * stride_qh, offs_m, offs_d, stride_qn, n_ctx, HEAD_DIM, ACC)
-    if HAS_ROPE:
-        q = _rope(q, Cos, Sin, offs_m, offs_d, n_ctx, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, False)
-    q = q.to(DOT)
+    q = _load_tile(Q + off_b * stride_qb + off_h * stride_qh, offs_m, offs_d, stride_qn, n_ctx, Cos, Sin,
+                   HEAD_DIM, HAS_ROPE, ACC).to(DOT)
     fq = tl.load(FrameIds + offs_m, mask=offs_m < n_ctx, other=2147483647)
 
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=ACC)
@@ -245,12 +250,10 @@ def _attn_bwd_dkdv_kernel(
     inv_keep = 1.0 / (1.0 - dropout_p)
 
     # -- key/value tiles, rotated, kept in registers --
-    k = _load_tile(K + off_b * stride_kb + off_h * stride_kh, offs_n, offs_d, stride_kn, n_ctx, HEAD_DIM, ACC)
-    if HAS_ROPE:
-        k = _rope(k, Cos, Sin, offs_n, offs_d, n_ctx, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, False)
-    k = k.to(DOT)
-    v = _load_tile(V + off_b * stride_vb + off_h * stride_vh, offs_n, offs_d, stride_vn, n_ctx, HEAD_DIM,
-                   ACC).to(DOT)
+    k = _load_tile(K + off_b * stride_kb + off_h * stride_kh, offs_n, offs_d, stride_kn, n_ctx, Cos, Sin,
+                   HEAD_DIM, HAS_ROPE, ACC).to(DOT)
+    v = _load_tile(V + off_b * stride_vb + off_h * stride_vh, offs_n, offs_d, stride_vn, n_ctx, Cos, Sin,
+                   HEAD_DIM, False, ACC).to(DOT)
     fk = tl.load(FrameIds + offs_n, mask=offs_n < n_ctx, other=2147483647)
 
     dk = tl.zeros((BLOCK_N, HEAD_DIM_PAD), dtype=ACC)
@@ -260,11 +263,8 @@ def _attn_bwd_dkdv_kernel(
     for it in range(0, n_full + n_partial):
         start_m = tl.load(QIdx + pid_n * n_q_blocks + it) * BLOCK_M
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        q = _load_tile(Q_bh, offs_m, offs_d, stride_qn, n_ctx, HEAD_DIM, ACC)
-        if HAS_ROPE:
-            q = _rope(q, Cos, Sin, offs_m, offs_d, n_ctx, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, False)
-        q = q.to(DOT)
-        do = _load_tile(DO_bh, offs_m, offs_d, stride_don, n_ctx, HEAD_DIM, ACC).to(DOT)
+        q = _load_tile(Q_bh, offs_m, offs_d, stride_qn, n_ctx, Cos, Sin, HEAD_DIM, HAS_ROPE, ACC).to(DOT)
+        do = _load_tile(DO_bh, offs_m, offs_d, stride_don, n_ctx, Cos, Sin, HEAD_DIM, False, ACC).to(DOT)
         lse = tl.load(Lse_bh + offs_m, mask=offs_m < n_ctx, other=0.0)
         delta = tl.load(Delta_bh + offs_m, mask=offs_m < n_ctx, other=0.0)
         # -- transposed probabilities P^T (BLOCK_N, BLOCK_M) --
@@ -287,7 +287,7 @@ def _attn_bwd_dkdv_kernel(
     # -- epilogue: dk~ -> dk through the transposed rotation --
     dk = dk * sm_scale
     if HAS_ROPE:
-        dk = _rope(dk, Cos, Sin, offs_n, offs_d, n_ctx, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, True)
+        dk = _rope_transpose(dk, Cos, Sin, offs_n, offs_d, n_ctx, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N)
     store_mask = (offs_n[:, None] < n_ctx) & (offs_d[None, :] < HEAD_DIM)
     DK_bh = DK + off_b * stride_dkb + off_h * stride_dkh
     DV_bh = DV + off_b * stride_dvb + off_h * stride_dvh
@@ -335,12 +335,10 @@ def _attn_bwd_dq_kernel(
     inv_keep = 1.0 / (1.0 - dropout_p)
 
     # -- query-side tiles kept in registers --
-    q = _load_tile(Q + off_b * stride_qb + off_h * stride_qh, offs_m, offs_d, stride_qn, n_ctx, HEAD_DIM, ACC)
-    if HAS_ROPE:
-        q = _rope(q, Cos, Sin, offs_m, offs_d, n_ctx, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, False)
-    q = q.to(DOT)
-    do = _load_tile(DO + off_b * stride_dob + off_h * stride_doh, offs_m, offs_d, stride_don, n_ctx, HEAD_DIM,
-                    ACC).to(DOT)
+    q = _load_tile(Q + off_b * stride_qb + off_h * stride_qh, offs_m, offs_d, stride_qn, n_ctx, Cos, Sin,
+                   HEAD_DIM, HAS_ROPE, ACC).to(DOT)
+    do = _load_tile(DO + off_b * stride_dob + off_h * stride_doh, offs_m, offs_d, stride_don, n_ctx, Cos, Sin,
+                    HEAD_DIM, False, ACC).to(DOT)
     lse = tl.load(Lse + pid_bh.to(tl.int64) * n_ctx + offs_m, mask=row_ok, other=0.0)
     delta = tl.load(Delta + pid_bh.to(tl.int64) * n_ctx + offs_m, mask=row_ok, other=0.0)
     fq = tl.load(FrameIds + offs_m, mask=row_ok, other=2147483647)
@@ -351,11 +349,8 @@ def _attn_bwd_dq_kernel(
     for it in range(0, n_full + n_partial):
         start_n = tl.load(KvIdx + pid_m * n_kv_blocks + it) * BLOCK_N
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _load_tile(K_bh, offs_n, offs_d, stride_kn, n_ctx, HEAD_DIM, ACC)
-        if HAS_ROPE:
-            k = _rope(k, Cos, Sin, offs_n, offs_d, n_ctx, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, False)
-        k = k.to(DOT)
-        v = _load_tile(V_bh, offs_n, offs_d, stride_vn, n_ctx, HEAD_DIM, ACC).to(DOT)
+        k = _load_tile(K_bh, offs_n, offs_d, stride_kn, n_ctx, Cos, Sin, HEAD_DIM, HAS_ROPE, ACC).to(DOT)
+        v = _load_tile(V_bh, offs_n, offs_d, stride_vn, n_ctx, Cos, Sin, HEAD_DIM, False, ACC).to(DOT)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC) * qk_scale
         if it >= n_full:
             fk = tl.load(FrameIds + offs_n, mask=offs_n < n_ctx, other=2147483647)
@@ -370,7 +365,7 @@ def _attn_bwd_dq_kernel(
     # -- epilogue: dq~ -> dq through the transposed rotation --
     dq = dq * sm_scale
     if HAS_ROPE:
-        dq = _rope(dq, Cos, Sin, offs_m, offs_d, n_ctx, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, True)
+        dq = _rope_transpose(dq, Cos, Sin, offs_m, offs_d, n_ctx, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M)
     DQ_bh = DQ + off_b * stride_dqb + off_h * stride_dqh
     tl.store(DQ_bh + offs_m[:, None] * stride_dqn + offs_d[None, :], dq.to(DQ.dtype.element_ty),
              mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
