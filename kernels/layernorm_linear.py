@@ -447,17 +447,17 @@ def layernorm_linear_bwd(dy, x, ln_weight, ln_bias, weight, bias, mean, rstd):
     db = torch.empty_like(bias) if has_bias else None  # (N,)
     dgamma = torch.empty_like(ln_weight) if has_w else None  # (K,)
     dbeta = torch.empty_like(ln_bias) if has_b else None  # (K,)
-    if m == 0 or n == 0:
-        dx.zero_(), dw.zero_()
-        for t in (db, dgamma, dbeta):
+    if m == 0 or n == 0:  # nothing flows back
+        for t in (dx, dw, db, dgamma, dbeta):
             if t is not None:
                 t.zero_()
         return dx.reshape(x.shape), dgamma, dbeta, dw, db
 
     cfg = _config("bwd_dx", x.dtype)
     num_p = triton.cdiv(m, cfg["BLOCK_M"])
-    partial = lambda flag: torch.empty(num_p, k, dtype=mean.dtype, device=x.device) if flag else mean
-    dgamma_p, dbeta_p = partial(has_w), partial(has_b)  # (num_p, K) fp32
+    # per-program dgamma / dbeta partials (num_p, K) in fp32; `mean` stands in when not needed
+    dgamma_p = torch.empty(num_p, k, dtype=mean.dtype, device=x.device) if has_w else mean
+    dbeta_p = torch.empty(num_p, k, dtype=mean.dtype, device=x.device) if has_b else mean
     _layernorm_linear_bwd_dx_kernel[(num_p,)](
         dy2, x2, x2 if not has_w else ln_weight, x2 if not has_b else ln_bias, w, mean, rstd, dx,
         dgamma_p, dbeta_p,
