@@ -211,8 +211,8 @@ def _attn_fwd_kernel(
 @triton.jit
 def _attn_bwd_dkdv_kernel(
     # pointers
-    Q, K, V, DO,  # (B, H, N, D)
-    Cos, Sin,  # (N, D) fp32, read if HAS_ROPE
+    Q, K, V, DO,  # (B, H, N, D); Q and K already rotated (`rope_fwd`)
+    Cos, Sin,  # (N, D) fp32, read if HAS_ROPE (epilogue: gradients back through the rotation)
     FrameIds,  # (N,) int32
     QCount,  # (N_blocks, 2) int32: number of full, partial query blocks per key block
     QIdx,  # (N_blocks, M_blocks) int32: full query blocks, then partial ones
@@ -251,7 +251,7 @@ def _attn_bwd_dkdv_kernel(
 
     # -- key/value tiles, rotated, kept in registers --
     k = _load_tile(K + off_b * stride_kb + off_h * stride_kh, offs_n, offs_d, stride_kn, n_ctx, Cos, Sin,
-                   HEAD_DIM, HAS_ROPE, ACC).to(DOT)
+                   HEAD_DIM, False, ACC).to(DOT)
     v = _load_tile(V + off_b * stride_vb + off_h * stride_vh, offs_n, offs_d, stride_vn, n_ctx, Cos, Sin,
                    HEAD_DIM, False, ACC).to(DOT)
     fk = tl.load(FrameIds + offs_n, mask=offs_n < n_ctx, other=2147483647)
@@ -263,7 +263,7 @@ def _attn_bwd_dkdv_kernel(
     for it in range(0, n_full + n_partial):
         start_m = tl.load(QIdx + pid_n * n_q_blocks + it) * BLOCK_M
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        q = _load_tile(Q_bh, offs_m, offs_d, stride_qn, n_ctx, Cos, Sin, HEAD_DIM, HAS_ROPE, ACC).to(DOT)
+        q = _load_tile(Q_bh, offs_m, offs_d, stride_qn, n_ctx, Cos, Sin, HEAD_DIM, False, ACC).to(DOT)
         do = _load_tile(DO_bh, offs_m, offs_d, stride_don, n_ctx, Cos, Sin, HEAD_DIM, False, ACC).to(DOT)
         lse = tl.load(Lse_bh + offs_m, mask=offs_m < n_ctx, other=0.0)
         delta = tl.load(Delta_bh + offs_m, mask=offs_m < n_ctx, other=0.0)
@@ -298,8 +298,8 @@ def _attn_bwd_dkdv_kernel(
 @triton.jit
 def _attn_bwd_dq_kernel(
     # pointers
-    Q, K, V, DO,  # (B, H, N, D)
-    Cos, Sin,  # (N, D) fp32, read if HAS_ROPE
+    Q, K, V, DO,  # (B, H, N, D); Q and K already rotated (`rope_fwd`)
+    Cos, Sin,  # (N, D) fp32, read if HAS_ROPE (epilogue: gradients back through the rotation)
     FrameIds,  # (N,) int32
     KvCount,  # (M_blocks, 2) int32
     KvIdx,  # (M_blocks, N_blocks) int32
@@ -336,7 +336,7 @@ def _attn_bwd_dq_kernel(
 
     # -- query-side tiles kept in registers --
     q = _load_tile(Q + off_b * stride_qb + off_h * stride_qh, offs_m, offs_d, stride_qn, n_ctx, Cos, Sin,
-                   HEAD_DIM, HAS_ROPE, ACC).to(DOT)
+                   HEAD_DIM, False, ACC).to(DOT)
     do = _load_tile(DO + off_b * stride_dob + off_h * stride_doh, offs_m, offs_d, stride_don, n_ctx, Cos, Sin,
                     HEAD_DIM, False, ACC).to(DOT)
     lse = tl.load(Lse + pid_bh.to(tl.int64) * n_ctx + offs_m, mask=row_ok, other=0.0)
@@ -349,7 +349,7 @@ def _attn_bwd_dq_kernel(
     for it in range(0, n_full + n_partial):
         start_n = tl.load(KvIdx + pid_m * n_kv_blocks + it) * BLOCK_N
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _load_tile(K_bh, offs_n, offs_d, stride_kn, n_ctx, Cos, Sin, HEAD_DIM, HAS_ROPE, ACC).to(DOT)
+        k = _load_tile(K_bh, offs_n, offs_d, stride_kn, n_ctx, Cos, Sin, HEAD_DIM, False, ACC).to(DOT)
         v = _load_tile(V_bh, offs_n, offs_d, stride_vn, n_ctx, Cos, Sin, HEAD_DIM, False, ACC).to(DOT)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC) * qk_scale
         if it >= n_full:
@@ -387,6 +387,27 @@ def _dropout_mask_kernel(
     keep = _dropout_keep(seed, offs_m, offs_n, n_ctx, dropout_p)
     ptrs = Keep + pid_bh.to(tl.int64) * n_ctx * n_ctx + offs_m[:, None] * n_ctx + offs_n[None, :]
     tl.store(ptrs, keep.to(tl.int8), mask=(offs_m[:, None] < n_ctx) & (offs_n[None, :] < n_ctx))
+
+
+@triton.jit
+def _rope_kernel(
+    X,  # (B, H, N, D)
+    Cos, Sin,  # (N, D) fp32
+    Out,  # (B, H, N, D) contiguous
+    stride_xb, stride_xh, stride_xn,
+    n_heads, n_ctx,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // n_heads).to(tl.int64)
+    off_h = (pid_bh % n_heads).to(tl.int64)
+    offs_n = pid_n * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    x = _load_tile(X + off_b * stride_xb + off_h * stride_xh, offs_n, offs_d, stride_xn, n_ctx, Cos, Sin,
+                   HEAD_DIM, True, ACC)
+    ptrs = Out + pid_bh.to(tl.int64) * n_ctx * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
+    tl.store(ptrs, x.to(Out.dtype.element_ty), mask=(offs_n[:, None] < n_ctx) & (offs_d[None, :] < HEAD_DIM))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -540,6 +561,23 @@ def attention_fwd(q, k, v, frame_ids, cos=None, sin=None, seed=None, scale=None,
     return out, lse
 
 
+ROPE_BLOCK = 64
+
+
+def rope_fwd(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """rope(x) for x (B, H, N, D) from fp32 tables (N, D), computed in fp32 (fp64 for fp64 x), stored
+    in x's dtype like the fused forward's dot inputs. The backward kernels read q~, k~ from it: rotating
+    them inside the loops costs registers (spills on sm_80) for a pass that is O(N D), not O(N^2 D)."""
+    b, h, n, d = x.shape
+    x = _unit_last(x)
+    out = torch.empty((b, h, n, d), device=x.device, dtype=x.dtype)
+    _rope_kernel[(triton.cdiv(n, ROPE_BLOCK), b * h)](
+        x, cos, sin, out, *_bhn_strides(x), h, n,
+        HEAD_DIM=d, HEAD_DIM_PAD=_pad_head_dim(d), BLOCK=ROPE_BLOCK, ACC=_dtypes(x.dtype)[1],
+    )
+    return out
+
+
 def attention_bwd(do, q, k, v, out, lse, frame_ids, cos=None, sin=None, seed=None, scale=None, dropout_p=0.0,
                   config: AttentionConfig | None = None, dq=None, dk=None, dv=None):
     """Backward launcher: dq, dk, dv (B, H, N, D) from dO and the forward's out and lse."""
@@ -559,6 +597,8 @@ def attention_bwd(do, q, k, v, out, lse, frame_ids, cos=None, sin=None, seed=Non
     dummy = frame_ids
     cos = cos.float().contiguous() if has_rope else dummy
     sin = sin.float().contiguous() if has_rope else dummy
+    if has_rope:
+        q, k = rope_fwd(q, cos, sin), rope_fwd(k, cos, sin)  # q~, k~ (B, H, N, D)
     seed = seed if has_dropout else dummy
     meta = dict(HEAD_DIM=d, HEAD_DIM_PAD=_pad_head_dim(d), HAS_ROPE=has_rope, HAS_DROPOUT=has_dropout,
                 DOT=dot, ACC=acc, PRECISION=precision)
