@@ -30,9 +30,12 @@ mask. Any permutation of the tokens works (the lists need not be contiguous rang
 trick of KERNELS.md (patch tokens first, conditioning tokens last; `kernels.reference.cond_last_order`)
 only changes how many tiles are partial.
 
-Three kernels: `_attn_fwd_kernel` (grid: query blocks x B*H), `_attn_bwd_dkdv_kernel` (key blocks x
-B*H, loops over query blocks), `_attn_bwd_dq_kernel` (query blocks x B*H, loops over key blocks).
-No atomics: dq, dk and dv are each written by exactly one program, so results are deterministic.
+Kernels: `_attn_fwd_kernel` (grid: query blocks x B*H; q rotated once in the prologue, each key tile
+as it is loaded), `_attn_bwd_dkdv_kernel` (key blocks x B*H, loops over query blocks),
+`_attn_bwd_dq_kernel` (query blocks x B*H, loops over key blocks), `_rope_kernel` (writes q~, k~ for
+the backward: rotating a tile per loop iteration there spills registers on sm_80, and the pass is
+O(N D) against the O(N^2 D) of attention; the epilogues rotate dq~, dk~ back). No atomics: dq, dk
+and dv are each written by exactly one program, so results are deterministic.
 
 Dropout (attention probabilities, SPEC §5): keep[i, j] = philox(seed + (b*H + h) << 32, i*N + j) >= p,
 regenerated identically in both backward kernels; `dropout_keep_mask` reproduces it for tests.
@@ -432,7 +435,7 @@ class AttentionConfig:
 CONFIGS = {
     (32, False): AttentionConfig(fwd=(128, 64, 4, 3), dkdv=(64, 64, 4, 2), dq=(64, 64, 4, 2)),
     (32, True): AttentionConfig(fwd=(128, 32, 8, 3), dkdv=(32, 64, 4, 2), dq=(64, 32, 4, 2)),
-    (64, False): AttentionConfig(fwd=(128, 64, 4, 3), dkdv=(64, 64, 4, 2), dq=(64, 64, 4, 2)),
+    (64, False): AttentionConfig(fwd=(128, 64, 8, 3), dkdv=(32, 64, 4, 2), dq=(64, 64, 4, 2)),
     (64, True): AttentionConfig(fwd=(128, 32, 8, 3), dkdv=(32, 64, 4, 2), dq=(64, 32, 4, 2)),
 }
 HEAD_DIMS = (24, 32, 64)
@@ -749,4 +752,14 @@ def compile_specs() -> list[dict]:
                         specs.append({"name": name, "fn": fn, "signature": signature, "constexprs": constexprs,
                                       "num_warps": warps, "num_stages": stages, "config": label,
                                       "expect_wgmma": True, "aligned": pointers + strides})
+            specs.append({
+                "name": "rope", "fn": _rope_kernel, "config": f"d{head_dim},{dtype}", "num_warps": 4, "num_stages": 1,
+                "signature": {"X": ptr, "Cos": "*fp32", "Sin": "*fp32", "Out": ptr, "stride_xb": "i32",
+                              "stride_xh": "i32", "stride_xn": "i32", "n_heads": "i32", "n_ctx": "i32",
+                              "HEAD_DIM": "constexpr", "HEAD_DIM_PAD": "constexpr", "BLOCK": "constexpr",
+                              "ACC": "constexpr"},
+                "constexprs": {"HEAD_DIM": head_dim, "HEAD_DIM_PAD": _pad_head_dim(head_dim), "BLOCK": ROPE_BLOCK,
+                               "ACC": tl.float32},
+                "aligned": ["X", "Cos", "Sin", "Out"],
+            })
     return specs
