@@ -285,3 +285,18 @@ def test_flex_refuses_grad_on_cpu():
     q, k, v, _, frame_ids, _ = make_case(1, 1, 2, 8, 24, torch.float32)
     with pytest.raises(dispatch.BackendUnavailable, match="forward only"):
         dispatch.block_causal_attention(q.requires_grad_(), k, v, frame_ids, backend="flex")
+
+
+# ----------------------------------------------------------------------------------------------
+# compile specs (compiled for sm_80/sm_90 by `python -m kernels.compile_check`)
+# ----------------------------------------------------------------------------------------------
+def test_compile_specs_are_complete():
+    specs = attention.compile_specs()
+    names = {spec["name"] for spec in specs}
+    assert names == {"attn_fwd", "attn_bwd_dkdv", "attn_bwd_dq", "rope"}
+    configs = {spec["config"] for spec in specs if spec["name"] == "attn_fwd"}
+    assert len(configs) == len(attention.HEAD_DIMS) * 2 * 2 * 2  # head dims x dtypes x rope x dropout
+    for spec in specs:
+        assert set(spec["signature"]) == set(spec["fn"].arg_names), spec["name"]
+        constexprs = {arg for arg, kind in spec["signature"].items() if kind == "constexpr"}
+        assert constexprs == set(spec["constexprs"]), spec["name"]
