@@ -564,7 +564,7 @@ def attention_fwd(q, k, v, frame_ids, cos=None, sin=None, seed=None, scale=None,
     return out, lse
 
 
-ROPE_BLOCK = 64
+ROPE_BLOCK = 32
 
 
 def rope_fwd(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
