@@ -564,7 +564,7 @@ def attention_fwd(q, k, v, frame_ids, cos=None, sin=None, seed=None, scale=None,
     return out, lse
 
 
-ROPE_BLOCK = 32
+ROPE_BLOCK, ROPE_WARPS = 64, 8  # no stack on sm_80 at every head dim (32 rows x 4 warps has some)
 
 
 def rope_fwd(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -576,7 +576,7 @@ def rope_fwd(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Ten
     out = torch.empty((b, h, n, d), device=x.device, dtype=x.dtype)
     _rope_kernel[(triton.cdiv(n, ROPE_BLOCK), b * h)](
         x, cos, sin, out, *_bhn_strides(x), h, n,
-        HEAD_DIM=d, HEAD_DIM_PAD=_pad_head_dim(d), BLOCK=ROPE_BLOCK, ACC=_dtypes(x.dtype)[1],
+        HEAD_DIM=d, HEAD_DIM_PAD=_pad_head_dim(d), BLOCK=ROPE_BLOCK, ACC=_dtypes(x.dtype)[1], num_warps=ROPE_WARPS,
     )
     return out
 
@@ -753,7 +753,7 @@ def compile_specs() -> list[dict]:
                                       "num_warps": warps, "num_stages": stages, "config": label,
                                       "expect_wgmma": True, "aligned": pointers + strides})
             specs.append({
-                "name": "rope", "fn": _rope_kernel, "config": f"d{head_dim},{dtype}", "num_warps": 4, "num_stages": 1,
+                "name": "rope", "fn": _rope_kernel, "config": f"d{head_dim},{dtype}", "num_warps": ROPE_WARPS, "num_stages": 1,
                 "signature": {"X": ptr, "Cos": "*fp32", "Sin": "*fp32", "Out": ptr, "stride_xb": "i32",
                               "stride_xh": "i32", "stride_xn": "i32", "n_heads": "i32", "n_ctx": "i32",
                               "HEAD_DIM": "constexpr", "HEAD_DIM_PAD": "constexpr", "BLOCK": "constexpr",
