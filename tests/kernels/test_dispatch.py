@@ -113,3 +113,14 @@ def test_simple_ops_triton_missing_module_refused(monkeypatch):
                         lambda module: f"{module} not importable (test)" if module.startswith("kernels.") else None)
     with pytest.raises(dispatch.BackendUnavailable, match="kernels.embedding not importable"):
         dispatch.resolve_simple("tiled_embedding", "kernels.embedding", "triton", torch.device("cpu"))
+
+
+def test_simple_ops_triton_under_interpreter():
+    pytest.importorskip("kernels.layernorm_linear")
+    pytest.importorskip("kernels.embedding")
+    x, w, g, b = torch.randn(4, 16), torch.randn(8, 16), torch.randn(16), torch.randn(16)
+    out = dispatch.layernorm_linear(x, g, b, w, None, backend="triton")
+    torch.testing.assert_close(out, reference.layernorm_linear_ref(x, g, b, w, None), rtol=1e-4, atol=1e-4)
+    visual, proprio, action = torch.randn(1, 2, 3, 4), torch.randn(1, 2, 5), torch.randn(1, 2, 6)
+    args = (visual, proprio, action, torch.randn(7, 5), torch.randn(7), torch.randn(7, 6), torch.randn(7))
+    torch.testing.assert_close(dispatch.tiled_embedding(*args, backend="triton"), reference.tiled_embedding_ref(*args))
