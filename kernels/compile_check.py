@@ -55,7 +55,7 @@ import subprocess
 import sys
 import tempfile
 
-MODULES = ("kernels.layernorm_linear", "kernels.embedding", "kernels.attention")
+MODULES = ("kernels.ln_linear", "kernels.embedding", "kernels.attention")
 TARGETS = (80, 90)
 # usable shared memory per block (bytes): A100 163 KiB, H100 227 KiB
 MAX_SHARED = {80: 166912, 90: 232448}

@@ -23,7 +23,7 @@ Attention backends (q, k, v: (B, H, N, D); frame_ids: (N,); rope: (cos, sin) (N,
     reference  kernels.reference.block_causal_attention_ref (explicit scores, fp32 softmax).
     auto       triton on CUDA when triton is installed, else sdpa.
 
-Other ops: `triton` (kernels.layernorm_linear / kernels.embedding, imported lazily; CUDA or the
+Other ops: `triton` (kernels.ln_linear / kernels.embedding, imported lazily; CUDA or the
 interpreter), `reference`, `auto` (triton on CUDA when importable, else reference).
 
 An explicitly requested backend that cannot run the call raises `BackendUnavailable` with the
@@ -258,9 +258,9 @@ def resolve_simple(op: str, module: str, backend: str, device: torch.device) -> 
 
 def layernorm_linear(x, ln_weight, ln_bias, weight, bias, eps=1e-5, backend="auto"):
     """Linear(LayerNorm(x)). x: (..., K), weight: (M, K) -> (..., M)."""
-    choice = resolve_simple("layernorm_linear", "kernels.layernorm_linear", backend, x.device)
+    choice = resolve_simple("layernorm_linear", "kernels.ln_linear", backend, x.device)
     if choice.backend == "triton":
-        from .layernorm_linear import layernorm_linear_triton
+        from .ln_linear import layernorm_linear_triton
 
         return layernorm_linear_triton(x, ln_weight, ln_bias, weight, bias, eps)
     return reference.layernorm_linear_ref(x, ln_weight, ln_bias, weight, bias, eps)

@@ -25,11 +25,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-# The public kernel API (kernels/__init__.py). Bound by name from kernels.dispatch, where it is defined:
-# the package attribute `kernels.layernorm_linear` is replaced by the submodule of the same name once
-# the Triton backend is imported, so `kernels.layernorm_linear(...)` is not safe to call.
-from kernels import frame_ids_for
-from kernels.dispatch import block_causal_attention, layernorm_linear
+from kernels import block_causal_attention, frame_ids_for, layernorm_linear
 
 
 class Attention(nn.Module):

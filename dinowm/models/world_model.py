@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels.dispatch import tiled_embedding  # the public kernel API (see predictor.py for why dispatch)
+from kernels import tiled_embedding
 
 from .decoder import VQVAEDecoder
 from .embeddings import ProprioceptiveEmbedding

@@ -25,11 +25,11 @@ def run_check(*args):
 
 
 def test_own_kernels_compile_without_spills():
-    result = run_check("--modules", "kernels.layernorm_linear", "kernels.embedding")
+    result = run_check("--modules", "kernels.ln_linear", "kernels.embedding")
     print(result.stdout)
     assert result.returncode == 0, result.stdout + result.stderr
     rows = [line for line in result.stdout.splitlines() if line.startswith(("layernorm_linear", "tiled_embedding"))]
-    specs = [importlib.import_module(m).compile_specs() for m in ("kernels.layernorm_linear", "kernels.embedding")]
+    specs = [importlib.import_module(m).compile_specs() for m in ("kernels.ln_linear", "kernels.embedding")]
     assert len(rows) == 2 * sum(map(len, specs)), "every kernel x config x target"
     # the fp16/bf16 GEMMs of the fused LayerNorm -> Linear use wgmma on sm_90
     gemms = [r for r in rows if "sm_90" in r and "bwd_dln" not in r and r.startswith("layernorm_linear")

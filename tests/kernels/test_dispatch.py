@@ -99,7 +99,7 @@ def test_attention_backends_agree(backend):
 
 def test_simple_ops_auto_is_reference_on_cpu():
     x, w = torch.randn(3, 8), torch.randn(5, 8)
-    choice = dispatch.resolve_simple("layernorm_linear", "kernels.layernorm_linear", "auto", x.device)
+    choice = dispatch.resolve_simple("layernorm_linear", "kernels.ln_linear", "auto", x.device)
     assert choice.backend == "reference"
     out = dispatch.layernorm_linear(x, None, None, w, None)
     torch.testing.assert_close(out, reference.layernorm_linear_ref(x, None, None, w, None))
@@ -116,7 +116,7 @@ def test_simple_ops_triton_missing_module_refused(monkeypatch):
 
 
 def test_simple_ops_triton_under_interpreter():
-    pytest.importorskip("kernels.layernorm_linear")
+    pytest.importorskip("kernels.ln_linear")
     pytest.importorskip("kernels.embedding")
     x, w, g, b = torch.randn(4, 16), torch.randn(8, 16), torch.randn(16), torch.randn(16)
     out = dispatch.layernorm_linear(x, g, b, w, None, backend="triton")

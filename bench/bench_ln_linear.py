@@ -1,7 +1,7 @@
 """Fused LayerNorm -> Linear vs eager F.layer_norm + F.linear and the same under torch.compile.
 
-    BENCH_THREADS=1 pytest bench/bench_layernorm_linear.py --benchmark-only --benchmark-group-by=group
-    pytest bench/bench_layernorm_linear.py --benchmark-disable -q     # each benchmark once, tiny shapes
+    BENCH_THREADS=1 pytest bench/bench_ln_linear.py --benchmark-only --benchmark-group-by=group
+    pytest bench/bench_ln_linear.py --benchmark-disable -q     # each benchmark once, tiny shapes
 
 Shapes are the DINO-WM predictor's pre-norm sites: rows = batch x 3 frames x 256 patches, width 404,
 qkv 404 -> 3072 without bias, fc1 404 -> 2048 with bias (batch 32 on CUDA, 2 on CPU). bf16 on CUDA,
@@ -37,7 +37,7 @@ _compiled = torch.compile(_eager, dynamic=False)
 
 def _provider_fn(provider):
     if provider == "triton":
-        return importlib.import_module("kernels.layernorm_linear").layernorm_linear_triton
+        return importlib.import_module("kernels.ln_linear").layernorm_linear_triton
     return {"eager": _eager, "compiled": _compiled}[provider]
 
 

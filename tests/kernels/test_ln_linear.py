@@ -1,8 +1,7 @@
-"""Fused LayerNorm -> Linear (kernels/layernorm_linear.py) against the fp64 reference.
+"""Fused LayerNorm -> Linear (kernels/ln_linear.py) against the fp64 reference.
 
 Runs on CPU under TRITON_INTERPRET=1 (tests/conftest.py). bf16 only on a GPU (interpreter defect).
 """
-import importlib
 
 import pytest
 import torch
@@ -10,9 +9,7 @@ import torch
 from _parity import assert_parity
 from kernels.reference import layernorm_linear_ref
 
-# by module path: the package attribute `kernels.layernorm_linear` is the public function until the
-# submodule is imported, and the submodule afterwards
-lnl = importlib.import_module("kernels.layernorm_linear")
+from kernels import ln_linear as lnl
 
 NAMES = ("y", "dx", "dgamma", "dbeta", "dW", "db")
 
