@@ -107,7 +107,9 @@ class VWorldModel(nn.Module):
         x = visual.reshape(b * t, g, g, d).permute(0, 3, 1, 2)  # (B*T, 384, g, g), patches row-major
         images = self.decoder(x)  # (B*T, 3, 16g, 16g)
         if size is not None and images.shape[-1] != size:
-            images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+            # in fp32: the resize filter is more precise, and CPU has no bf16 antialiased bilinear kernel
+            images = F.interpolate(images.float(), size=(size, size), mode="bilinear", align_corners=False,
+                                   antialias=True)
         return images.unflatten(0, (b, t))  # (B, T, 3, S, S)
 
     # ------------------------------------------------------------------------------------------

@@ -140,6 +140,22 @@ def test_decoder_output_resized_to_image_size(model, batch):
     assert out["recon"].shape == (B, T, 3, 48, 48)
 
 
+def test_bf16_autocast_with_resized_decoder_output(model, batch):
+    """bf16 autocast (the CPU demo and GPU default) through a resized decode: finite losses near fp32."""
+    obs, proprio, action, visual = batch
+    small = torch.nn.functional.interpolate(obs.flatten(0, 1), size=(48, 48), mode="bilinear", antialias=True)
+    small = small.unflatten(0, (B, T))
+    model.eval()
+    with torch.no_grad():
+        ref = model(small, proprio, action, visual=visual)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(small, proprio, action, visual=visual, decode_prediction=True)
+    assert out["recon"].shape == (B, T, 3, 48, 48) and out["pred_image"].shape == (B, 3, 3, 48, 48)
+    for key in ("loss", "z_loss", "decoder_recon_loss"):
+        assert torch.isfinite(out[key])
+        assert abs(float(out[key]) - float(ref[key])) <= 0.05 * abs(float(ref[key])) + 1e-3, key
+
+
 def test_concat_dim_0():
     torch.manual_seed(0)
     m = small_model(concat_dim=0)
