@@ -1,5 +1,6 @@
 """Test-wide setup. TRITON_INTERPRET must be set before any kernel module is imported: it is read
 when `@triton.jit` decorates a function."""
+import importlib.util
 import os
 
 import pytest
@@ -7,6 +8,11 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Triton must be loaded before any test renders with MuJoCo: Mesa's llvmpipe brings its own LLVM, and
+# importing Triton after it in the same process segfaults (the trainer renders in a child process).
+if importlib.util.find_spec("triton") is not None:
+    import triton  # noqa: F401
 
 
 def pytest_collection_modifyitems(config, items):

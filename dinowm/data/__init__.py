@@ -6,6 +6,8 @@ statistics -> training and validation windows of num_hist + num_pred frames.
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +30,20 @@ class DataBundle:
     proprio_slice: slice
 
 
+def generate_demo_dataset(root: Path, episodes: int, frames: int) -> None:
+    """Generate the simulated demo dataset at root in a child process.
+
+    A child, because rendering loads Mesa's llvmpipe (its own LLVM) and importing Triton afterwards in
+    the same process crashes (segfault); the trainer imports Triton when it picks kernel backends.
+    """
+    logger.info("generating a demo dataset of %d episodes x %d frames at %s", episodes, frames, root)
+    command = [sys.executable, "-m", "dinowm.data.sim", "--demo", "--out", str(root),
+               "--episodes", str(episodes), "--frames", str(frames)]
+    if subprocess.run(command).returncode != 0:  # the child printed its one-line error
+        raise DatasetError(f"{root}: generating the demo dataset failed (see the error above; command: "
+                           f"{' '.join(command)})")
+
+
 def build_data(cfg: DataConfig, stats: NormStats | None = None) -> DataBundle:
     """Load and validate cfg.path (generating the demo dataset first if asked), split, normalise, window.
 
@@ -39,11 +55,7 @@ def build_data(cfg: DataConfig, stats: NormStats | None = None) -> DataBundle:
                            "dataset at that path")
     root = Path(cfg.path).expanduser()
     if cfg.demo_episodes > 0 and not is_dataset_dir(root):
-        from .sim import ensure_demo_dataset  # needs the [sim] extras; only imported when asked for
-
-        logger.info("generating a demo dataset of %d episodes x %d frames at %s", cfg.demo_episodes,
-                    cfg.demo_frames, root)
-        ensure_demo_dataset(root, episodes=cfg.demo_episodes, frames=cfg.demo_frames)
+        generate_demo_dataset(root, cfg.demo_episodes, cfg.demo_frames)
     ds = load_franka_dataset(root)
     proprio_slice = slice(cfg.proprio_start, cfg.proprio_end)
 

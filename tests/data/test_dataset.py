@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import pickle
+import subprocess
 import sys
-import types
 
 import numpy as np
 import pytest
@@ -236,18 +236,25 @@ def test_build_data_too_few_episodes_for_training(make_franka_dataset):
         build_data(DataConfig(path=str(root), frameskip=1))
 
 
-def test_build_data_generates_demo_dataset_when_absent(tmp_path, monkeypatch, make_franka_dataset):
-    calls = []
-
-    def ensure_demo_dataset(root, episodes, frames):
-        calls.append((str(root), episodes, frames))
-        return make_franka_dataset(str(root), lengths=[frames] * episodes, hw=(16, 16))
-
-    monkeypatch.setitem(sys.modules, "dinowm.data.sim", types.SimpleNamespace(ensure_demo_dataset=ensure_demo_dataset))
+def test_build_data_generates_demo_dataset_in_a_child_process(tmp_path):
+    """The demo dataset is rendered in a child process: rendering (Mesa llvmpipe) followed by
+    `import triton` in one process segfaults, and the trainer imports Triton."""
+    pytest.importorskip("mujoco")
+    pytest.importorskip("triton")
     root = tmp_path / "demo"
-    cfg = DataConfig(path=str(root), demo_episodes=3, demo_frames=20, frameskip=2)
-    data = build_data(cfg)
-    assert calls == [(str(root), 3, 20)]
-    assert data.dataset.num_episodes == 3 and data.dataset.frames.shape == (60, 16, 16, 3)
-    build_data(cfg)  # present now: not generated again
-    assert len(calls) == 1
+    code = f"""
+import os, sys
+from dinowm.config import DataConfig
+from dinowm.data import build_data
+cfg = DataConfig(path={str(root)!r}, demo_episodes=2, demo_frames=40, frameskip=2)
+data = build_data(cfg)
+assert "mujoco" not in sys.modules, "rendering must stay in the child process"
+import triton  # crashed here when this process had rendered
+written = os.stat({str(root / "metadata.pkl")!r}).st_mtime_ns
+build_data(cfg)  # present now: loaded, not generated again
+assert os.stat({str(root / "metadata.pkl")!r}).st_mtime_ns == written
+print("episodes", data.dataset.num_episodes, "frames", data.dataset.frames.shape[0])
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split()[-4:] == ["episodes", "2", "frames", "80"]
