@@ -90,10 +90,10 @@ def _importable(module: str) -> str | None:
     return None
 
 
-def _triton_blocker(module: str, device: torch.device) -> str | None:
-    """Why the Triton implementation in `module` cannot run on `device`, or None."""
-    if device.type != "cuda" and not _interpreting():
-        return f"Triton needs CUDA tensors (got {device.type}; set TRITON_INTERPRET=1 to interpret on CPU)"
+def _triton_blocker(module: str, device_type: str) -> str | None:
+    """Why the Triton implementation in `module` cannot run on `device_type` tensors, or None."""
+    if device_type != "cuda" and not _interpreting():
+        return f"Triton needs CUDA tensors (got {device_type}; set TRITON_INTERPRET=1 to interpret on CPU)"
     return _importable("triton") or _importable(module)
 
 
@@ -179,17 +179,18 @@ def flex_block_causal_attention(q, k, v, frame_ids, rope=None, scale=None, dropo
 # ----------------------------------------------------------------------------------------------
 # attention: choice
 # ----------------------------------------------------------------------------------------------
-def _attention_blocker(backend: str, q: torch.Tensor, dropout_p: float, needs_grad: bool) -> str | None:
+def _attention_blocker(backend: str, device_type: str, head_dim: int, dropout_p: float,
+                       needs_grad: bool) -> str | None:
     """Why `backend` cannot run this call, or None."""
     if backend == "triton":
-        blocker = _triton_blocker("kernels.attention", q.device)
-        if blocker is None and q.shape[-1] > 64:
-            blocker = f"head dim {q.shape[-1]} > 64 is not supported by the Triton kernel"
+        blocker = _triton_blocker("kernels.attention", device_type)
+        if blocker is None and head_dim > 64:
+            blocker = f"head dim {head_dim} > 64 is not supported by the Triton kernel"
         return blocker
     if backend == "flex":
         if dropout_p > 0.0:
             return "FlexAttention has no attention dropout"
-        if q.device.type == "cpu" and needs_grad:
+        if device_type == "cpu" and needs_grad:
             return "FlexAttention on CPU is forward only in torch 2.13 (inputs require grad)"
         return _importable("torch.nn.attention.flex_attention")
     if backend in ("flash", "xformers"):
@@ -204,34 +205,50 @@ def _attention_blocker(backend: str, q: torch.Tensor, dropout_p: float, needs_gr
 
 def resolve_attention(backend: str, q: torch.Tensor, dropout_p: float = 0.0, needs_grad: bool = False) -> Choice:
     """The backend `block_causal_attention` runs for these inputs, and why (logged once)."""
+    return _resolve_attention(backend, q.device.type, q.shape[-1], dropout_p, needs_grad)
+
+
+def _resolve_attention(backend: str, device_type: str, head_dim: int, dropout_p: float, needs_grad: bool) -> Choice:
     if backend not in ATTENTION_BACKENDS:
         raise ValueError(f"attention backend {backend!r} unknown; choose one of {ATTENTION_BACKENDS}")
     if backend != "auto":
-        blocker = _attention_blocker(backend, q, dropout_p, needs_grad)
+        blocker = _attention_blocker(backend, device_type, head_dim, dropout_p, needs_grad)
         if blocker:
             raise BackendUnavailable(f"block_causal_attention: backend {backend!r} refused: {blocker}")
         return _log_once(Choice("block_causal_attention", backend, backend, "requested explicitly"))
-    if q.device.type == "cuda":
-        blocker = _attention_blocker("triton", q, dropout_p, needs_grad)
+    if device_type == "cuda":
+        blocker = _attention_blocker("triton", device_type, head_dim, dropout_p, needs_grad)
         if blocker is None:
             return _log_once(Choice("block_causal_attention", "auto", "triton",
                                     "CUDA tensors and triton installed: fused RoPE, masked tiles skipped"))
         return _log_once(Choice("block_causal_attention", "auto", "sdpa", f"triton unavailable: {blocker}"))
     return _log_once(Choice("block_causal_attention", "auto", "sdpa",
-                            f"{q.device.type} tensors: per-frame prefix SDPA is the fastest measured CPU path"))
+                            f"{device_type} tensors: per-frame prefix SDPA is the fastest measured CPU path"))
+
+
+# torch.compile runs these at trace time and sees only the resulting backend name, so a model that
+# calls the public ops traces with fullgraph=True (resolution imports modules and logs).
+@torch.compiler.assume_constant_result
+def _attention_backend(backend: str, device_type: str, head_dim: int, dropout_p: float, needs_grad: bool) -> str:
+    return _resolve_attention(backend, device_type, head_dim, dropout_p, needs_grad).backend
+
+
+@torch.compiler.assume_constant_result
+def _simple_backend(op: str, module: str, backend: str, device_type: str) -> str:
+    return _resolve_simple(op, module, backend, device_type).backend
 
 
 def block_causal_attention(q, k, v, frame_ids, rope=None, scale=None, dropout_p=0.0, backend="auto"):
     """Frame-block-causal attention. q, k, v: (B, H, N, D); frame_ids: (N,) int32 -> (B, H, N, D)."""
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    choice = resolve_attention(backend, q, dropout_p, needs_grad)
-    if choice.backend == "triton":
+    name = _attention_backend(backend, q.device.type, q.shape[-1], float(dropout_p), needs_grad)
+    if name == "triton":
         from .attention import block_causal_attention_triton
 
         return block_causal_attention_triton(q, k, v, frame_ids, rope, scale, dropout_p)
-    if choice.backend == "sdpa":
+    if name == "sdpa":
         return frame_prefix_attention(q, k, v, frame_ids, rope, scale, dropout_p)
-    if choice.backend == "flex":
+    if name == "flex":
         return flex_block_causal_attention(q, k, v, frame_ids, rope, scale, dropout_p)
     return reference.block_causal_attention_ref(q, k, v, frame_ids, rope, scale, dropout_p)
 
@@ -241,25 +258,28 @@ def block_causal_attention(q, k, v, frame_ids, rope=None, scale=None, dropout_p=
 # ----------------------------------------------------------------------------------------------
 def resolve_simple(op: str, module: str, backend: str, device: torch.device) -> Choice:
     """Backend for an op with `triton` and `reference` implementations, and why (logged once)."""
+    return _resolve_simple(op, module, backend, device.type)
+
+
+def _resolve_simple(op: str, module: str, backend: str, device_type: str) -> Choice:
     if backend not in SIMPLE_BACKENDS:
         raise ValueError(f"{op} backend {backend!r} unknown; choose one of {SIMPLE_BACKENDS}")
     if backend == "reference":
         return _log_once(Choice(op, backend, "reference", "requested explicitly"))
-    blocker = _triton_blocker(module, device)
+    blocker = _triton_blocker(module, device_type)
     if backend == "triton":
         if blocker:
             raise BackendUnavailable(f"{op}: backend 'triton' refused: {blocker}")
         return _log_once(Choice(op, backend, "triton", "requested explicitly"))
-    if device.type == "cuda" and blocker is None:
+    if device_type == "cuda" and blocker is None:
         return _log_once(Choice(op, "auto", "triton", "CUDA tensors and triton installed"))
-    return _log_once(Choice(op, "auto", "reference", blocker if device.type == "cuda" else
-                            f"{device.type} tensors: the PyTorch reference"))
+    return _log_once(Choice(op, "auto", "reference", blocker if device_type == "cuda" else
+                            f"{device_type} tensors: the PyTorch reference"))
 
 
 def layernorm_linear(x, ln_weight, ln_bias, weight, bias, eps=1e-5, backend="auto"):
     """Linear(LayerNorm(x)). x: (..., K), weight: (M, K) -> (..., M)."""
-    choice = resolve_simple("layernorm_linear", "kernels.ln_linear", backend, x.device)
-    if choice.backend == "triton":
+    if _simple_backend("layernorm_linear", "kernels.ln_linear", backend, x.device.type) == "triton":
         from .ln_linear import layernorm_linear_triton
 
         return layernorm_linear_triton(x, ln_weight, ln_bias, weight, bias, eps)
@@ -268,8 +288,7 @@ def layernorm_linear(x, ln_weight, ln_bias, weight, bias, eps=1e-5, backend="aut
 
 def tiled_embedding(visual, proprio, action, proprio_weight, proprio_bias, action_weight, action_bias, backend="auto"):
     """[visual | proprio_emb | action_emb] over patches: (B, T, P, Dv + Ep + Ea)."""
-    choice = resolve_simple("tiled_embedding", "kernels.embedding", backend, visual.device)
-    if choice.backend == "triton":
+    if _simple_backend("tiled_embedding", "kernels.embedding", backend, visual.device.type) == "triton":
         from .embedding import tiled_embedding_triton
 
         return tiled_embedding_triton(visual, proprio, action, proprio_weight, proprio_bias, action_weight,
