@@ -8,7 +8,7 @@ Forward (one kernel, programs tile M rows x N outputs, grouped order for L2 reus
     prologue   mean, rstd of the program's BLOCK_M rows in one pass over K (Chan's merge of per-chunk
                mean / M2, fp32), stored once (by the pid_n == 0 programs) for the backward
     main loop  for each BLOCK_K chunk: load x, xhat = (x - mean) * rstd, xt = xhat * gamma + beta,
-               acc += dot(xt, W^T) with xt cast to the dot dtype (x's dtype)
+               acc += dot(xt, W^T) with xt cast to the dot dtype (W's dtype) right before the dot
     epilogue   y = acc + b
 
 The normalised activations xt never touch memory: that is where the win over F.layer_norm +
@@ -28,11 +28,15 @@ per-program dgamma/dbeta partials (fp32, (num_m_programs, K)); sweep 2 reads h b
 `_layernorm_linear_bwd_dln_kernel` (sums the partials in a fixed order: deterministic, no atomics).
 
 Numerics: mean, rstd and all partials in fp32 (fp64 for fp64 inputs, which serve gradcheck);
-accumulation in fp32; dot inputs in x's dtype (fp32 dots use IEEE precision, not tf32), except bf16
+accumulation in fp32; dot inputs in W's dtype (fp32 dots use IEEE precision, not tf32), except bf16
 under TRITON_INTERPRET=1, whose bf16 arithmetic is broken (triton issue 11584): there the dots run
 in fp32. All loads are upcast right away, so no bf16 arithmetic ever happens.
-Limits: x, W contiguous in the last dimension (the launcher copies otherwise); all tensors share
-x's dtype and device; dx is returned in x's dtype (h is held in dx's dtype between the sweeps).
+Mixed precision (autocast): x, gamma, beta may be fp32 while W, b are fp16/bf16. The statistics and xt
+are then computed in fp32 from the fp32 x, and xt is rounded to W's dtype only as the dot input, as
+`F.linear(F.layer_norm(x))` does under autocast. y, dW, db come out in W's dtype; dx in x's dtype;
+dgamma, dbeta (fp32-accumulated) in their parameters' dtype; dy is cast to W's dtype for the dots.
+Limits: x, W contiguous in the last dimension (the launcher copies otherwise); dtypes as checked by
+`_check_inputs`; one device; dx is returned in x's dtype (h is held in dx's dtype between the sweeps).
 """
 from __future__ import annotations
 
@@ -49,10 +53,13 @@ import triton.language as tl
 # Tiles are chosen spill-free both for row strides that are multiples of 16 elements (K = 384) and for
 # those that are not (K = 404: rows are not 16-byte aligned, loads cannot be vectorised and every
 # element needs its own address register) -- see `compile_specs` and kernels.compile_check.
+# "mixed" (autocast: fp32 x with an fp16/bf16 weight) is "lowp" except where the fp32 x / dx tiles need
+# smaller tiles (bwd_dx at K = 404 spilled on sm_80 with BLOCK_K=64).
 CONFIGS = {
     "fwd": {"lowp": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=16, GROUP_M=8, num_warps=8, num_stages=3),
             "fp32": dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=16, GROUP_M=8, num_warps=8, num_stages=3)},
     "bwd_dx": {"lowp": dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, num_warps=8, num_stages=3),
+               "mixed": dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, num_warps=8, num_stages=3),
                "fp32": dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, num_warps=8, num_stages=3)},
     "bwd_dw": {"lowp": dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
                "fp32": dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=3)},
@@ -61,8 +68,16 @@ CONFIGS = {
 }
 
 
-def _config(kernel: str, dtype: torch.dtype) -> dict:
-    return CONFIGS[kernel]["lowp" if dtype in (torch.float16, torch.bfloat16) else "fp32"]
+def _precision(x_dtype: torch.dtype, weight_dtype: torch.dtype) -> str:
+    if weight_dtype not in (torch.float16, torch.bfloat16):
+        return "fp32"
+    return "mixed" if x_dtype == torch.float32 else "lowp"
+
+
+def _config(kernel: str, x_dtype: torch.dtype, weight_dtype: torch.dtype) -> dict:
+    configs = CONFIGS[kernel]
+    precision = _precision(x_dtype, weight_dtype)
+    return configs.get(precision, configs["lowp" if precision == "mixed" else precision])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -366,8 +381,10 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def _numerics(dtype: torch.dtype) -> dict:
-    """ACC_DTYPE, DOT_DTYPE, INPUT_PRECISION for an input dtype; the stats dtype is ACC_DTYPE."""
+def _numerics(weight_dtype: torch.dtype) -> dict:
+    """ACC_DTYPE, DOT_DTYPE, INPUT_PRECISION from the weight's dtype (the GEMM dtype; x is fp32 or the same
+    dtype, see `_check_inputs`); the stats dtype is ACC_DTYPE."""
+    dtype = weight_dtype
     acc = tl.float64 if dtype == torch.float64 else tl.float32
     dot = _TL_DTYPES[dtype]
     if dtype == torch.bfloat16 and _interpreting():
@@ -379,7 +396,13 @@ def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+_LOWP = (torch.float16, torch.bfloat16)
+
+
 def _check_inputs(x, ln_weight, ln_bias, weight, bias):
+    """Same-dtype inputs, or the autocast mix: weight/bias fp16 or bf16 with x fp32 (or x in the weight's
+    dtype) and ln_weight/ln_bias in x's dtype or fp32 -- the LayerNorm runs in fp32 from the inputs as
+    given and only its output is rounded to the weight's dtype for the GEMM."""
     if x.dtype not in _TL_DTYPES:
         raise TypeError(f"layernorm_linear: x dtype {x.dtype} not supported; use one of {list(_TL_DTYPES)}")
     if x.dim() < 1 or x.shape[-1] == 0:
@@ -387,6 +410,9 @@ def _check_inputs(x, ln_weight, ln_bias, weight, bias):
     k = x.shape[-1]
     if weight.dim() != 2 or weight.shape[1] != k:
         raise ValueError(f"layernorm_linear: weight must be (N, {k}) for x (..., {k}), got {tuple(weight.shape)}")
+    if weight.dtype != x.dtype and not (weight.dtype in _LOWP and x.dtype == torch.float32):
+        raise TypeError(f"layernorm_linear: weight dtype {weight.dtype} differs from x dtype {x.dtype}; mixed "
+                        f"precision takes fp32 x with an fp16/bf16 weight only")
     named = {"ln_weight": (ln_weight, (k,)), "ln_bias": (ln_bias, (k,)), "weight": (weight, None),
              "bias": (bias, (weight.shape[0],))}
     for name, (t, shape) in named.items():
@@ -394,8 +420,11 @@ def _check_inputs(x, ln_weight, ln_bias, weight, bias):
             continue
         if shape is not None and tuple(t.shape) != shape:
             raise ValueError(f"layernorm_linear: {name} must have shape {shape}, got {tuple(t.shape)}")
-        if t.dtype != x.dtype:
-            raise TypeError(f"layernorm_linear: {name} dtype {t.dtype} differs from x dtype {x.dtype}")
+        if name == "bias" and t.dtype != weight.dtype:
+            raise TypeError(f"layernorm_linear: bias dtype {t.dtype} differs from weight dtype {weight.dtype}")
+        if name.startswith("ln_") and t.dtype != x.dtype and not (t.dtype == torch.float32 and x.dtype in _LOWP):
+            raise TypeError(f"layernorm_linear: {name} dtype {t.dtype} differs from x dtype {x.dtype}; only fp32 "
+                            f"LayerNorm parameters may go with an fp16/bf16 x")
         if t.device != x.device:
             raise ValueError(f"layernorm_linear: {name} on {t.device}, x on {x.device}")
 
@@ -413,11 +442,11 @@ def layernorm_linear_fwd(x, ln_weight, ln_bias, weight, bias, eps):
     w = weight if weight.stride(-1) == 1 else weight.contiguous()  # (N, K)
     m, k = x2.shape
     n = w.shape[0]
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device)  # (M, N)
+    y = torch.empty(m, n, dtype=weight.dtype, device=x.device)  # (M, N) in the GEMM dtype
     mean = torch.empty(m, dtype=_stats_dtype(x.dtype), device=x.device)
     rstd = torch.empty_like(mean)
     if m > 0 and n > 0:
-        cfg = _config("fwd", x.dtype)
+        cfg = _config("fwd", x.dtype, weight.dtype)
         grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
         _layernorm_linear_fwd_kernel[grid](
             x2, x2 if ln_weight is None else ln_weight, x2 if ln_bias is None else ln_bias, w,
@@ -425,7 +454,7 @@ def layernorm_linear_fwd(x, ln_weight, ln_bias, weight, bias, eps):
             x2.stride(0), w.stride(0), y.stride(0),
             m, n, k, eps,
             HAS_LN_WEIGHT=ln_weight is not None, HAS_LN_BIAS=ln_bias is not None, HAS_BIAS=bias is not None,
-            **_numerics(x.dtype), **cfg,
+            **_numerics(weight.dtype), **cfg,
         )
     return y.reshape(*x.shape[:-1], n), mean, rstd
 
@@ -433,14 +462,14 @@ def layernorm_linear_fwd(x, ln_weight, ln_bias, weight, bias, eps):
 def layernorm_linear_bwd(dy, x, ln_weight, ln_bias, weight, bias, mean, rstd):
     """Gradients (dx, dgamma, dbeta, dW, db); None where the input is None. dy: (..., N)."""
     x2 = _rows(x)  # (M, K)
-    dy2 = _rows(dy.to(x.dtype))  # (M, N)
+    dy2 = _rows(dy.to(weight.dtype))  # (M, N) in the GEMM dtype
     w = weight if weight.stride(-1) == 1 else weight.contiguous()  # (N, K)
     m, k = x2.shape
     n = w.shape[0]
     if tuple(dy2.shape) != (m, n):
         raise ValueError(f"layernorm_linear: grad_output must be (..., {n}) matching x, got {tuple(dy.shape)}")
     has_w, has_b, has_bias = ln_weight is not None, ln_bias is not None, bias is not None
-    num = _numerics(x.dtype)
+    num = _numerics(weight.dtype)
 
     dx = torch.empty_like(x2)  # (M, K)
     dw = torch.empty_like(w)  # (N, K)
@@ -453,7 +482,7 @@ def layernorm_linear_bwd(dy, x, ln_weight, ln_bias, weight, bias, mean, rstd):
                 t.zero_()
         return dx.reshape(x.shape), dgamma, dbeta, dw, db
 
-    cfg = _config("bwd_dx", x.dtype)
+    cfg = _config("bwd_dx", x.dtype, weight.dtype)
     num_p = triton.cdiv(m, cfg["BLOCK_M"])
     # per-program dgamma / dbeta partials (num_p, K) in fp32; `mean` stands in when not needed
     dgamma_p = torch.empty(num_p, k, dtype=mean.dtype, device=x.device) if has_w else mean
@@ -466,7 +495,7 @@ def layernorm_linear_bwd(dy, x, ln_weight, ln_bias, weight, bias, mean, rstd):
         HAS_LN_WEIGHT=has_w, HAS_LN_BIAS=has_b, **num, **cfg,
     )
 
-    cfg = _config("bwd_dw", x.dtype)
+    cfg = _config("bwd_dw", x.dtype, weight.dtype)
     grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(k, cfg["BLOCK_K"]))
     _layernorm_linear_bwd_dw_kernel[grid](
         dy2, x2, x2 if not has_w else ln_weight, x2 if not has_b else ln_bias, mean, rstd, dw,
@@ -477,7 +506,7 @@ def layernorm_linear_bwd(dy, x, ln_weight, ln_bias, weight, bias, mean, rstd):
     )
 
     if has_w or has_b:
-        cfg = _config("bwd_dln", x.dtype)
+        cfg = _config("bwd_dln", x.dtype, weight.dtype)
         _layernorm_linear_bwd_dln_kernel[(triton.cdiv(k, cfg["BLOCK_K"]),)](
             dgamma_p, dbeta_p, dgamma if has_w else dw, dbeta if has_b else dw,
             k, num_p, k,
@@ -499,7 +528,7 @@ def _layernorm_linear_op(x: torch.Tensor, ln_weight: Optional[torch.Tensor], ln_
 @_layernorm_linear_op.register_fake
 def _(x, ln_weight, ln_bias, weight, bias, eps):
     m = x.numel() // x.shape[-1]
-    y = x.new_empty(*x.shape[:-1], weight.shape[0])
+    y = x.new_empty(*x.shape[:-1], weight.shape[0], dtype=weight.dtype)
     stats = x.new_empty(m, dtype=_stats_dtype(x.dtype))
     return y, stats, torch.empty_like(stats)
 
@@ -542,15 +571,19 @@ def layernorm_linear_triton(x, ln_weight, ln_bias, weight, bias, eps=1e-5):
     """Linear(LayerNorm(x)) in Triton. x: (..., K); ln_weight/ln_bias: (K,) or None; weight: (N, K);
     bias: (N,) or None -> (..., N).
 
-    Under torch.autocast every input is cast to the autocast dtype first (as autocast does for
-    F.linear; the statistics are still computed in fp32), so fp32 parameters and a bf16 residual
-    stream meet on the tensor-core path instead of failing the dtype check.
+    Under torch.autocast this follows `F.linear(F.layer_norm(x))` under autocast: the LayerNorm runs in fp32
+    from x as given (its parameters cast to fp32) and only the normalised activations are rounded to the
+    autocast dtype, inside the kernel right before the GEMM; weight and bias are cast to the autocast
+    dtype and y comes out in it. Casting x first would lose the rows' fine structure to bf16 rounding of
+    x itself when |mean| >> std.
     """
     device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
+    if torch.is_autocast_enabled(device_type) and x.dtype != torch.float64:
         dtype = torch.get_autocast_dtype(device_type)
-        x, ln_weight, ln_bias, weight, bias = (None if t is None else t.to(dtype)
-                                               for t in (x, ln_weight, ln_bias, weight, bias))
+        if x.dtype not in (torch.float32, dtype):
+            x = x.float()  # e.g. an fp16 x under bf16 autocast: autocast's layer_norm would upcast it too
+        ln_weight, ln_bias = (None if t is None else t.float() for t in (ln_weight, ln_bias))
+        weight, bias = (None if t is None else t.to(dtype) for t in (weight, bias))
     return _layernorm_linear_op(x, ln_weight, ln_bias, weight, bias, float(eps))[0]
 
 
@@ -558,26 +591,36 @@ def layernorm_linear_triton(x, ln_weight, ln_bias, weight, bias, eps=1e-5):
 # compile check (kernels.compile_check)
 # ----------------------------------------------------------------------------------------------
 def compile_specs():
-    """Every kernel at its shipped configuration for fp16 / bf16 / fp32 inputs, all options on, with row
-    strides divisible by 16 (K = 384) and not (K = 404): Triton specialises on that at launch."""
-    fp = {"fp16": ("*fp16", tl.float16, "lowp"), "bf16": ("*bf16", tl.bfloat16, "lowp"), "fp32": ("*fp32", tl.float32, "fp32")}
+    """Every kernel at its shipped configuration for fp16 / bf16 / fp32 inputs, and for the autocast mix
+    (fp32 x, gamma, beta, dx with fp16 / bf16 W, b, y, dy, dW, db), all options on, with row strides
+    divisible by 16 (K = 384) and not (K = 404): Triton specialises on that at launch."""
+    # label -> (dtype of the x side, dtype of the W side, dot dtype, config precision)
+    fp = {"fp16": ("*fp16", "*fp16", tl.float16, torch.float16, torch.float16),
+          "bf16": ("*bf16", "*bf16", tl.bfloat16, torch.bfloat16, torch.bfloat16),
+          "fp32": ("*fp32", "*fp32", tl.float32, torch.float32, torch.float32),
+          "x32/fp16": ("*fp32", "*fp16", tl.float16, torch.float32, torch.float16),
+          "x32/bf16": ("*fp32", "*bf16", tl.bfloat16, torch.float32, torch.bfloat16)}
+    # kernel -> (fn, pointers on the x side, pointers on the W side, fp32 pointers, float scalars)
     kernels = {
-        "fwd": (_layernorm_linear_fwd_kernel, ("X", "LnW", "LnB", "W", "B", "Y"), ("Mean", "Rstd"), ("eps",)),
-        "bwd_dx": (_layernorm_linear_bwd_dx_kernel, ("DY", "X", "LnW", "LnB", "W", "DX"),
+        "fwd": (_layernorm_linear_fwd_kernel, ("X", "LnW", "LnB"), ("W", "B", "Y"), ("Mean", "Rstd"), ("eps",)),
+        "bwd_dx": (_layernorm_linear_bwd_dx_kernel, ("X", "LnW", "LnB", "DX"), ("DY", "W"),
                    ("Mean", "Rstd", "DLnWPartial", "DLnBPartial"), ()),
-        "bwd_dw": (_layernorm_linear_bwd_dw_kernel, ("DY", "X", "LnW", "LnB", "DW", "DB"), ("Mean", "Rstd"), ()),
-        "bwd_dln": (_layernorm_linear_bwd_dln_kernel, ("DLnW", "DLnB"), ("DLnWPartial", "DLnBPartial"), ()),
+        "bwd_dw": (_layernorm_linear_bwd_dw_kernel, ("X", "LnW", "LnB"), ("DY", "DW", "DB"), ("Mean", "Rstd"), ()),
+        "bwd_dln": (_layernorm_linear_bwd_dln_kernel, ("DLnW", "DLnB"), (), ("DLnWPartial", "DLnBPartial"), ()),
     }
     specs = []
-    for dname, (ptr, tldt, precision) in fp.items():
-        for kname, (fn, io_ptrs, fp32_ptrs, floats) in kernels.items():
-            cfg = CONFIGS[kname][precision]
+    for dname, (x_ptr, w_ptr, tldt, x_dtype, w_dtype) in fp.items():
+        for kname, (fn, x_ptrs, w_ptrs, fp32_ptrs, floats) in kernels.items():
+            if kname == "bwd_dln" and x_ptr == "*fp32" and w_ptr != "*fp32":
+                continue  # touches only the x side: the same compilation as fp32
+            cfg = _config(kname, x_dtype, w_dtype)
             consts = dict(HAS_LN_WEIGHT=True, HAS_LN_BIAS=True, HAS_BIAS=True, ACC_DTYPE=tl.float32,
                           DOT_DTYPE=tldt, INPUT_PRECISION="ieee",
                           **{k: v for k, v in cfg.items() if k.isupper()})
             consts = {k: v for k, v in consts.items() if k in fn.arg_names}
             sig = {a: "i32" for a in fn.arg_names}
-            sig.update({p: ptr for p in io_ptrs})
+            sig.update({p: x_ptr for p in x_ptrs})
+            sig.update({p: w_ptr for p in w_ptrs})
             sig.update({p: "*fp32" for p in fp32_ptrs})
             sig.update({f: "fp32" for f in floats})
             sig.update({c: "constexpr" for c in consts})
@@ -589,8 +632,8 @@ def compile_specs():
                     "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"],
                     "config": f"{dname} {label} w{cfg['num_warps']}s{cfg['num_stages']} "
                               f"{'K%16=0' if aligned else 'K=404'}",
-                    "expect_wgmma": precision == "lowp" and kname != "bwd_dln",
+                    "expect_wgmma": w_dtype != torch.float32 and kname != "bwd_dln",
                     # base pointers are 16-byte aligned (torch allocations); row strides depend on K
-                    "aligned": list(io_ptrs + fp32_ptrs) + (strides if aligned else []),
+                    "aligned": list(x_ptrs + w_ptrs + fp32_ptrs) + (strides if aligned else []),
                 })
     return specs
