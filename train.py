@@ -4,6 +4,7 @@
     python train.py --config franka.toml --data.path /data/my_dset --model.encoder_weights dinov2_vits14_pretrain.pth
     python train.py --config franka.toml --training.batch_size 8 --training.dtype bf16 --out runs/bs8
     python train.py --resume runs/bs8 [--training.max_steps 1000]   # continue exactly where it stopped
+    python train.py --config franka.toml --init-from converted.pt   # start from imported original weights
 
 A bare config name is looked up in configs/. Any value can be overridden with --section.key value
 (see README "Configuration"). Without --out the run folder is outputs/<date>/<time>/.
@@ -11,12 +12,13 @@ A bare config name is looked up in configs/. Any value can be overridden with --
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
 from pathlib import Path
 
-from dinowm.checkpoint import CheckpointError, load_checkpoint
+from dinowm.checkpoint import CheckpointError, check_resumable, load_checkpoint
 from dinowm.config import Config, ConfigError, apply_values, config_from_dict, load_config, parse_overrides
 from dinowm.trainer import Trainer
 
@@ -26,10 +28,24 @@ def write_config(cfg: Config, path: Path) -> None:
     for section, values in cfg.to_dict().items():
         lines.append(f"[{section}]")
         for key, value in values.items():
-            text = repr(value).lower() if isinstance(value, bool) else (f'"{value}"' if isinstance(value, str) else repr(value))
+            text = repr(value).lower() if isinstance(value, bool) else json.dumps(value)  # JSON strings are TOML strings
             lines.append(f"{key} = {text}")
         lines.append("")
     path.write_text("\n".join(lines))
+
+
+# Settings a resumed run may change; the rest define the run (model, data, samples per batch) and may not.
+RESUME_MAY_CHANGE = {"data.path", "data.num_workers", "data.demo_episodes", "data.demo_frames",
+                     "training.epochs", "training.max_steps", "training.device", "training.compile"}
+
+
+def check_resume_changes(saved: Config, new: Config) -> None:
+    for section in ("data", "model", "training"):
+        old_values, new_values = getattr(saved, section).__dict__, getattr(new, section).__dict__
+        for key, value in new_values.items():
+            if value != old_values[key] and f"{section}.{key}" not in RESUME_MAY_CHANGE:
+                raise ConfigError(f"--resume: {section}.{key} cannot change from {old_values[key]!r} to {value!r} "
+                                  f"in a resumed run (start a new run, or --init-from its checkpoint)")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -37,6 +53,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--config", help="TOML file, or a name in configs/ (e.g. franka.toml)")
     parser.add_argument("--out", help="run folder (default outputs/<date>/<time>)")
     parser.add_argument("--resume", help="run folder (or checkpoint file) to continue from")
+    parser.add_argument("--init-from", help="start a new run from the model weights of this checkpoint "
+                                            "(e.g. one converted with `python -m dinowm.compat import-dino-wm`)")
     args, rest = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
@@ -44,10 +62,15 @@ def main(argv: list[str] | None = None) -> dict:
         if args.resume:
             if args.config:
                 raise ConfigError("--resume continues a run with its saved config; change values with --section.key value instead of --config")
+            if args.init_from:
+                raise ConfigError("--resume and --init-from exclude each other: --resume continues a run, "
+                                  "--init-from starts a new one from given weights")
             checkpoint = load_checkpoint(args.resume)
+            check_resumable(checkpoint, args.resume)
             cfg = config_from_dict(checkpoint["config"])
             apply_values(cfg, parse_overrides(rest), "command line")
             cfg.validate()
+            check_resume_changes(config_from_dict(checkpoint["config"]), cfg)
             resume_dir = Path(args.resume)
             run_dir = Path(args.out) if args.out else (resume_dir if resume_dir.is_dir() else resume_dir.parent.parent)
         else:
@@ -61,7 +84,13 @@ def main(argv: list[str] | None = None) -> dict:
     write_config(cfg, run_dir / "config.toml")
     logging.getLogger().addHandler(logging.FileHandler(run_dir / "train.log"))
     logging.getLogger("dinowm").info("run folder: %s", run_dir)
-    return Trainer(cfg, run_dir, checkpoint).fit()
+    init_weights = None
+    if args.init_from:
+        try:
+            init_weights = load_checkpoint(args.init_from)["model"]
+        except CheckpointError as e:
+            raise SystemExit(f"error: {e}") from None
+    return Trainer(cfg, run_dir, checkpoint, init_weights=init_weights).fit()
 
 
 if __name__ == "__main__":

@@ -40,10 +40,18 @@ def atomic_save(obj, path: str | Path) -> None:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file torch.save's usual mode
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    folder = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -62,7 +70,21 @@ def load_checkpoint(path: str | Path) -> dict:
             f"{path}: not a dinowm checkpoint (format {CHECKPOINT_FORMAT!r} expected); "
             "original DINO-WM checkpoints must be converted with `python -m dinowm.compat import-dino-wm`"
         )
+    if "model" not in ckpt:
+        raise CheckpointError(f"{path}: the checkpoint holds no model weights")
     return ckpt
+
+
+RESUME_KEYS = ("optimizers", "norm_stats", "config", "step", "epoch", "batch_in_epoch", "rng")
+
+
+def check_resumable(ckpt: dict, path) -> None:
+    """A checkpoint written by the trainer, with everything --resume needs."""
+    missing = [k for k in RESUME_KEYS if k not in ckpt]
+    if missing:
+        raise CheckpointError(
+            f"{path}: holds model weights only (no {', '.join(missing)}), e.g. an imported original checkpoint; "
+            f"start a new run from it with --init-from {path}")
 
 
 def capture_rng_state() -> dict:

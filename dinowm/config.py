@@ -190,7 +190,26 @@ class Config:
         _check(t.max_steps >= 0, "training.max_steps", t.max_steps, "must be >= 0 (0: no cap)")
         _check(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"), "training.device",
                t.device, "must be auto, cpu, cuda or cuda:N")
+        for key in ("data.demo_frames", "model.action_emb_dim", "model.proprio_emb_dim", "model.predictor_depth",
+                    "model.predictor_heads", "model.predictor_dim_head", "model.predictor_mlp_dim",
+                    "eval.every_epochs", "checkpoint.every_epochs", "logging.every_steps",
+                    "logging.image_every_epochs", "profiling.active"):
+            _check(self._get(key) >= 1, key, self._get(key), "must be >= 1")
+        for key in ("data.demo_episodes", "data.num_workers", "eval.max_batches", "eval.rollout_episodes",
+                    "eval.rollout_horizon", "profiling.wait", "profiling.warmup"):
+            _check(self._get(key) >= 0, key, self._get(key), "must be >= 0")
+        for key in ("optim.predictor_lr", "optim.embedding_lr", "optim.decoder_lr"):
+            _check(self._get(key) > 0, key, self._get(key), "must be > 0")
+        for key in ("optim.predictor_weight_decay", "optim.embedding_weight_decay"):
+            _check(self._get(key) >= 0, key, self._get(key), "must be >= 0")
+        _check(0.0 <= m.predictor_emb_dropout < 1.0, "model.predictor_emb_dropout", m.predictor_emb_dropout,
+               "must be in [0, 1)")
+        _check(m.encoder_image_size >= 14, "model.encoder_image_size", m.encoder_image_size, "must be >= 14")
         return self
+
+    def _get(self, key: str):
+        section, name = key.split(".")
+        return getattr(getattr(self, section), name)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

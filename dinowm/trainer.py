@@ -102,9 +102,9 @@ class FeatureCache:
                               disable=not progress, leave=False):
                 obs = preprocess_images(frames[start:start + chunk].to(device), img_size)  # (C, 3, S, S)
                 feats = model.encode_visual(obs[None])[0]  # (C, P, 384)
-                if self.features is None:
-                    self.features = torch.empty((n,) + tuple(feats.shape[1:]), dtype=dtype, device=device)
-                self.features[start:start + chunk] = feats.to(dtype)
+                if self.features is None:  # the encoder's own output dtype (fp32 under autocast: final LayerNorm)
+                    self.features = torch.empty((n,) + tuple(feats.shape[1:]), dtype=feats.dtype, device=device)
+                self.features[start:start + chunk] = feats
 
     def __getitem__(self, frame_index: torch.Tensor) -> torch.Tensor:
         """frame_index: (B, T) global frame ids -> (B, T, P, 384)."""
@@ -112,7 +112,10 @@ class FeatureCache:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, run_dir: str | Path, checkpoint: dict | None = None):
+    def __init__(self, cfg: Config, run_dir: str | Path, checkpoint: dict | None = None,
+                 init_weights: dict | None = None):
+        """checkpoint: a trainer checkpoint to resume exactly; init_weights: model weights to start from
+        (keys of VWorldModel.state_dict; the encoder's may be absent)."""
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -131,6 +134,8 @@ class Trainer:
         self.model = build_world_model(cfg.model, cfg.data).to(self.device)
         self.optimizers = build_optimizers(self.model, cfg.optim)
         self.step = self.epoch = self.batch_in_epoch = 0
+        if init_weights is not None:
+            self._load_model_weights(init_weights)
         if checkpoint:
             self._load_state(checkpoint)
         if t.compile:  # Module.compile keeps the state-dict keys (no "_orig_mod." prefix)
@@ -192,8 +197,7 @@ class Trainer:
         if t.max_steps:
             total_steps = min(total_steps, t.max_steps)
         timer = StepTimer(self.device)
-        window = defaultdict(float)
-        window_steps = 0
+        window, window_counts = defaultdict(float), defaultdict(int)  # loss sums and counts since the last log
         last = {}
         bar = tqdm(total=total_steps, initial=self.step, desc="train", unit="step",
                    disable=not cfg.logging.progress_bar, dynamic_ncols=True)
@@ -214,18 +218,20 @@ class Trainer:
                     if profiler is not None:
                         profiler.step()
                     for k, v in out.items():
-                        if k.endswith("loss"):
+                        if k.endswith("loss"):  # decoder_pred_loss exists only on logging steps
                             window[k] += float(v.detach())
-                    window_steps += 1
+                            window_counts[k] += 1
                     bar.update(1)
                     if log_step or self.step == total_steps:
-                        last = {k: v / window_steps for k, v in window.items()}
+                        last = {k: v / window_counts[k] for k, v in window.items()}
                         last.update(timer.summary())
                         last["epoch"] = self.epoch + self.batch_in_epoch / steps_per_epoch
                         self.sink.write(self.step, "train", last)
                         bar.set_postfix(loss=f"{last['loss']:.4f}", sps=f"{last['samples_per_s']:.1f}")
                         window.clear()
-                        window_steps = 0
+                        window_counts.clear()
+                    if self.batch_in_epoch == steps_per_epoch:  # before a Ctrl-C save: never save "end of epoch, not done"
+                        self._end_of_epoch(batch, out)
                     if stop.requested:
                         bar.close()
                         path = self.save()
@@ -235,8 +241,6 @@ class Trainer:
                         raise SystemExit(130)
                     if self.step >= total_steps:
                         break
-                if self.batch_in_epoch == steps_per_epoch:
-                    self._end_of_epoch(batch, out)
         bar.close()
         if self.batch_in_epoch:  # stopped mid-epoch by max_steps: validate, keep the position
             last.update(self.validate(images=False))
@@ -376,11 +380,20 @@ class Trainer:
             atomic_save(state, folder / f"model_{keep_as}.pt")
         return path
 
-    def _load_state(self, ckpt: dict) -> None:
-        missing, unexpected = self.model.load_state_dict(ckpt["model"], strict=False)
+    def _load_model_weights(self, weights: dict) -> None:
+        """Load model weights; the frozen encoder's may be absent (it comes from model.encoder_weights)."""
+        try:
+            missing, unexpected = self.model.load_state_dict(weights, strict=False)
+        except RuntimeError as e:  # shape mismatches
+            raise SystemExit(f"error: the checkpoint's weights do not fit the configured model (check model.* and "
+                             f"data.* settings): {str(e).splitlines()[-1].strip()}") from None
         missing = [k for k in missing if not k.startswith("encoder.")]
         if missing or unexpected:
-            raise SystemExit(f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+            raise SystemExit(f"error: the checkpoint's weights do not match the configured model: missing "
+                             f"{missing[:5]}, unexpected {unexpected[:5]} (check model.* and data.* settings)")
+
+    def _load_state(self, ckpt: dict) -> None:
+        self._load_model_weights(ckpt["model"])
         for name, opt in self.optimizers.items():
             opt.load_state_dict(ckpt["optimizers"][name])
         self.step, self.epoch, self.batch_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]

@@ -9,16 +9,25 @@ from dinowm.checkpoint import CheckpointError, atomic_save, capture_rng_state, l
 
 def test_atomic_save_leaves_old_file_intact_on_failure(tmp_path):
     path = tmp_path / "model_latest.pt"
-    atomic_save({"format": "dinowm/1", "x": torch.arange(3)}, path)
+    atomic_save({"format": "dinowm/1", "model": {}, "x": torch.arange(3)}, path)
 
     class Unpicklable:
         def __reduce__(self):
             raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError, match="boom"):
-        atomic_save({"format": "dinowm/1", "x": Unpicklable()}, path)
+        atomic_save({"format": "dinowm/1", "model": {}, "x": Unpicklable()}, path)
     assert torch.equal(load_checkpoint(path)["x"], torch.arange(3))
     assert os.listdir(tmp_path) == ["model_latest.pt"]  # no temporary file left behind
+
+
+def test_atomic_save_gives_the_usual_file_mode(tmp_path):
+    old = os.umask(0o022)
+    try:
+        atomic_save({"format": "dinowm/1", "model": {}}, tmp_path / "a.pt")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.pt").stat().st_mode & 0o777 == 0o644  # not mkstemp's 0600
 
 
 def test_load_checkpoint_errors_name_the_file(tmp_path):

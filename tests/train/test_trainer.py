@@ -70,29 +70,110 @@ def test_encoder_is_frozen_and_everything_else_learns(dataset, tmp_path):
             assert changed, key
 
 
-def test_resume_continues_exactly(dataset, tmp_path):
-    """Losses after resuming equal those of an uninterrupted run (CPU, fp32, dropout on)."""
-    run(dataset, tmp_path / "full", "--training.max_steps", "7")
-    run(dataset, tmp_path / "cut", "--training.max_steps", "3")  # stops mid-epoch
-    assert load_checkpoint(tmp_path / "cut")["batch_in_epoch"] > 0
-    train.main(["--resume", str(tmp_path / "cut"), "--training.max_steps", "7"])
-    full, cut = train_losses(tmp_path / "full"), train_losses(tmp_path / "cut")
-    assert sorted(full) == sorted(cut) == list(range(1, 8))
-    assert all(full[s] == cut[s] for s in full), (full, cut)
-
-
-def test_ctrl_c_saves_a_checkpoint_before_exiting(dataset, tmp_path, monkeypatch):
+def interrupt_at(monkeypatch, step_number):
+    """Deliver Ctrl-C (SIGINT) in the middle of training step `step_number` (1-based)."""
     from dinowm.trainer import Trainer
 
     step = Trainer.train_step
 
     def interrupted_step(self, batch, decode_prediction):
         out = step(self, batch, decode_prediction)
-        if self.step == 1:  # the 2nd step: Ctrl-C arrives in the middle of it
+        if self.step + 1 == step_number:
             os.kill(os.getpid(), signal.SIGINT)
         return out
 
     monkeypatch.setattr(Trainer, "train_step", interrupted_step)
+
+
+def test_resume_continues_exactly(dataset, tmp_path, monkeypatch):
+    """Losses after resuming equal those of an uninterrupted run (CPU, fp32, dropout on), through a stop
+    mid-epoch (max_steps), a Ctrl-C on the last batch of an epoch, and an epoch boundary."""
+    fp32 = ["--training.dtype", "fp32"]
+    run(dataset, tmp_path / "full", "--training.max_steps", "16", *fp32)
+    steps_per_epoch = 12  # 48 training samples, batch 4
+    run(dataset, tmp_path / "cut", "--training.max_steps", "7", *fp32)
+    assert load_checkpoint(tmp_path / "cut")["batch_in_epoch"] == 7
+    interrupt_at(monkeypatch, steps_per_epoch)
+    with pytest.raises(SystemExit):
+        train.main(["--resume", str(tmp_path / "cut"), "--training.max_steps", "16"])
+    ckpt = load_checkpoint(tmp_path / "cut")
+    assert (ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]) == (12, 1, 0)  # the epoch was finished first
+    assert (tmp_path / "cut" / "checkpoints" / "model_1.pt").exists()
+    monkeypatch.undo()
+    train.main(["--resume", str(tmp_path / "cut"), "--training.max_steps", "16"])
+    full, cut = train_losses(tmp_path / "full"), train_losses(tmp_path / "cut")
+    assert sorted(full) == sorted(cut) == list(range(1, 17))
+    assert all(full[s] == cut[s] for s in full), (full, cut)
+
+
+def test_logged_losses_are_averaged_over_the_steps_that_have_them(dataset, tmp_path, monkeypatch):
+    from dinowm.trainer import Trainer
+
+    def fake_step(self, batch, decode_prediction):
+        out = {"loss": torch.tensor(float(self.step))}  # 0, 1, 2, ... before the step counter advances
+        if decode_prediction:  # only on logging steps
+            out["decoder_pred_loss"] = torch.tensor(7.0)
+        return out
+
+    monkeypatch.setattr(Trainer, "train_step", fake_step)
+    run(dataset, tmp_path / "run", "--training.max_steps", "6", "--logging.every_steps", "3")
+    records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    logged = {r["step"]: r for r in records if r["split"] == "train"}
+    assert logged[3]["loss"] == 1.0 and logged[6]["loss"] == 4.0
+    assert logged[3]["decoder_pred_loss"] == logged[6]["decoder_pred_loss"] == 7.0
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_feature_cache_gives_the_same_training(dataset, tmp_path, dtype):
+    """The cache only saves work: losses with and without it agree (up to the summation order of a
+    batched encoder call)."""
+    args = ["--training.max_steps", "3", "--training.dtype", dtype]
+    run(dataset, tmp_path / "cached", *args)
+    run(dataset, tmp_path / "uncached", *args, "--training.feature_cache", "false")
+    cached, uncached = train_losses(tmp_path / "cached"), train_losses(tmp_path / "uncached")
+    for step in cached:
+        assert cached[step] == pytest.approx(uncached[step], rel=1e-4), (step, cached, uncached)
+
+
+def test_init_from_weights_only_checkpoint(dataset, tmp_path):
+    from dinowm.config import load_config
+    from dinowm.trainer import Trainer
+
+    run(dataset, tmp_path / "a", "--training.max_steps", "2")
+    weights = {k: v for k, v in load_checkpoint(tmp_path / "a")["model"].items() if not k.startswith("encoder.")}
+    converted = tmp_path / "converted.pt"
+    torch.save({"format": "dinowm/1", "model": weights}, converted)  # what the importer writes
+    with pytest.raises(SystemExit, match="--init-from"):
+        train.main(["--resume", str(converted)])
+    cfg = load_config("demo.toml", ["--data.path", str(dataset), "--data.demo_episodes", "0", *TINY])
+    trainer = Trainer(cfg, tmp_path / "b", init_weights=load_checkpoint(converted)["model"])
+    state = trainer.model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in weights.items())
+    train.main(["--config", "demo.toml", "--data.path", str(dataset), "--data.demo_episodes", "0",
+                "--out", str(tmp_path / "c"), "--init-from", str(converted), "--training.max_steps", "1", *TINY])
+    assert load_checkpoint(tmp_path / "c")["step"] == 1
+
+
+def test_resume_refuses_to_change_what_defines_the_run(dataset, tmp_path):
+    run(dataset, tmp_path / "a", "--training.max_steps", "1")
+    with pytest.raises(SystemExit, match="training.batch_size cannot change"):
+        train.main(["--resume", str(tmp_path / "a"), "--training.batch_size", "2"])
+    with pytest.raises(SystemExit, match="model.predictor_depth cannot change"):
+        train.main(["--resume", str(tmp_path / "a"), "--model.predictor_depth", "2"])
+
+
+def test_written_config_loads_back_with_awkward_strings(dataset, tmp_path):
+    from dinowm.config import load_config
+
+    odd = tmp_path / 'dir "quoted" \\ back'
+    odd.mkdir()
+    data = write_franka_dataset(odd / "dset", lengths=(20, 16, 24, 18, 22), hw=(32, 32))
+    run(data, tmp_path / "run", "--training.max_steps", "1")
+    assert load_config(tmp_path / "run" / "config.toml").data.path == str(data)
+
+
+def test_ctrl_c_saves_a_checkpoint_before_exiting(dataset, tmp_path, monkeypatch):
+    interrupt_at(monkeypatch, 2)
     with pytest.raises(SystemExit) as exit_info:
         run(dataset, tmp_path / "run")
     assert exit_info.value.code == 130
