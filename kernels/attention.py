@@ -56,6 +56,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .dispatch import register_flops
+
 LOG2E = 1.4426950408889634
 
 
@@ -704,6 +706,37 @@ def block_causal_attention_triton(q, k, v, frame_ids, rope=None, scale=None, dro
     blocks = [] if config is None else config.blocks()
     out, _ = _attention_op(q, k, v, frame_ids.to(torch.int32), cos, sin, seed, scale, float(dropout_p), blocks)
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# FLOP formulas (torch.utils.flop_counter.FlopCounterMode)
+# ----------------------------------------------------------------------------------------------
+def allowed_pairs(frame_ids: torch.Tensor) -> int:
+    """Number of (i, j) with frame(j) <= frame(i), from the per-frame token counts c_f (no (N, N) tensor):
+    sum_f c_f * (c_0 + ... + c_f). Without values (fake or meta frame_ids, under tracing) the dense N * N."""
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch._subclasses.functional_tensor import FunctionalTensor
+
+    if isinstance(frame_ids, (FakeTensor, FunctionalTensor)) or frame_ids.device.type == "meta":
+        return frame_ids.numel() ** 2
+    counts = torch.unique(frame_ids, return_counts=True)[1].to(torch.int64)  # (F,) in frame order
+    return int((counts * counts.cumsum(0)).sum())
+
+
+def _attention_flops(q, frame_ids) -> int:
+    """4 * B * H * D * allowed: QK^T and PV over the allowed score entries only."""
+    b, h, _n, d = q.shape  # (B, H, N, D)
+    return 4 * b * h * d * allowed_pairs(frame_ids)
+
+
+@register_flops(torch.ops.kernels.block_causal_attention)
+def _block_causal_attention_flops(q, k, v, frame_ids, *args, out_val=None, **kwargs) -> int:
+    return _attention_flops(q, frame_ids)
+
+
+@register_flops(torch.ops.kernels.block_causal_attention_bwd)
+def _block_causal_attention_bwd_flops(do, q, k, v, out, lse, frame_ids, *args, out_val=None, **kwargs) -> int:
+    return 5 * _attention_flops(q, frame_ids) // 2  # 2.5x the forward: QK^T recomputed, dV, dP, dQ, dK
 
 
 # ----------------------------------------------------------------------------------------------

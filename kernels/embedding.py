@@ -36,6 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .dispatch import register_flops
+
 # one fixed configuration per kernel (autotune with several configs fails without a GPU driver)
 FWD_CONFIG = dict(BLOCK_P=32, BLOCK_D=128, num_warps=4, num_stages=1)
 BWD_CONFIG = dict(BLOCK_P=64, num_warps=4, num_stages=1)
@@ -361,6 +363,28 @@ def tiled_embedding_triton(visual, proprio, action, proprio_weight, proprio_bias
         raise ValueError("tiled_embedding: a feature cache read through frame_index gets no gradient; detach it")
     return _tiled_embedding_op(visual, proprio, action, proprio_weight, proprio_bias, action_weight, action_bias,
                                frame_index)
+
+
+# ----------------------------------------------------------------------------------------------
+# FLOP formulas (torch.utils.flop_counter.FlopCounterMode)
+# ----------------------------------------------------------------------------------------------
+def _small_gemm_flops(proprio, action, proprio_weight, action_weight) -> int:
+    """2 * B * T * (Ep * Dp + Ea * Da): the tiny GEMMs, once per frame (not per patch)."""
+    frames = proprio.numel() // proprio.shape[-1]
+    return 2 * frames * (proprio_weight.numel() + action_weight.numel())
+
+
+@register_flops(torch.ops.dinowm.tiled_embedding)
+def _tiled_embedding_flops(visual, proprio, action, proprio_weight, proprio_bias, action_weight, *args,
+                           out_val=None, **kwargs) -> int:
+    return _small_gemm_flops(proprio, action, proprio_weight, action_weight)
+
+
+@register_flops(torch.ops.dinowm.tiled_embedding_backward)
+def _tiled_embedding_backward_flops(grad, proprio, action, proprio_weight, action_weight, *args, out_val=None,
+                                    **kwargs) -> int:
+    # d proprio = dpe @ Wp, d action = dae @ Wa; the dW GEMMs run as aten.mm in `_backward`, counted there
+    return _small_gemm_flops(proprio, action, proprio_weight, action_weight)
 
 
 # ----------------------------------------------------------------------------------------------

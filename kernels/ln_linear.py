@@ -47,6 +47,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .dispatch import register_flops
+
 # One fixed configuration per kernel and input precision (autotune with several configs fails without
 # a GPU driver). fp16/bf16 dots run on tensor cores (wgmma on sm_90); fp32 dots are IEEE FMA loops
 # and need smaller tiles to stay spill-free. fp64 (gradcheck under the interpreter) uses "fp32".
@@ -585,6 +587,25 @@ def layernorm_linear_triton(x, ln_weight, ln_bias, weight, bias, eps=1e-5):
         ln_weight, ln_bias = (None if t is None else t.float() for t in (ln_weight, ln_bias))
         weight, bias = (None if t is None else t.to(dtype) for t in (weight, bias))
     return _layernorm_linear_op(x, ln_weight, ln_bias, weight, bias, float(eps))[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# FLOP formulas (torch.utils.flop_counter.FlopCounterMode)
+# ----------------------------------------------------------------------------------------------
+def _gemm_flops(x, weight) -> int:
+    """2 * M * K * N for x (..., K) and weight (N, K); the LayerNorm's O(M * K) work is not counted."""
+    k = x.shape[-1]
+    return 2 * (x.numel() // k) * k * weight.shape[0]
+
+
+@register_flops(torch.ops.dinowm.layernorm_linear)
+def _layernorm_linear_flops(x, ln_weight, ln_bias, weight, *args, out_val=None, **kwargs) -> int:
+    return _gemm_flops(x, weight)
+
+
+@register_flops(torch.ops.dinowm.layernorm_linear_backward)
+def _layernorm_linear_backward_flops(dy, x, ln_weight, ln_bias, weight, *args, out_val=None, **kwargs) -> int:
+    return 2 * _gemm_flops(x, weight)  # dxt = dy @ W and dW = dy^T @ xt
 
 
 # ----------------------------------------------------------------------------------------------
