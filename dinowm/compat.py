@@ -203,6 +203,9 @@ def _state_dict(module, prefix: str = "") -> dict:
     return out
 
 
+KNOWN_PATCHES = (196, 256)  # encoder input 196 px -> 14 x 14 patches, 224 px -> 16 x 16 (SPEC §3)
+
+
 def _infer(model: dict, num_frames: int | None) -> dict:
     """Model hyper-parameters from the tensor shapes (SPEC §10)."""
     pos = model["predictor.pos_embedding"]  # (1, F * P, D)
@@ -213,14 +216,15 @@ def _infer(model: dict, num_frames: int | None) -> dict:
     concat_dim = 1 if dim == VISUAL_DIM + ea + ep else 0
     extra = 2 if concat_dim == 0 else 0  # two conditioning tokens per frame with concat_dim 0
 
-    def square(n):
-        return n > 0 and math.isqrt(n) ** 2 == n
-
     if num_frames is None:
-        # the original does not store num_hist; take the fewest frames that leave a square patch grid
-        candidates = [f for f in range(1, tokens + 1) if tokens % f == 0 and square(tokens // f - extra)]
-        if not candidates:
-            raise ValueError(f"predictor.pos_embedding {tuple(pos.shape)}: no frame count gives a square patch grid")
+        # The original does not store num_hist. Many frame counts leave a square grid (588 tokens: 3 x 196,
+        # 12 x 49, ...); only the grids of the two encoder sizes (SPEC §3) are plausible, and an ambiguity
+        # is an error rather than a guess.
+        candidates = [f for f in range(1, tokens + 1) if tokens % f == 0 and tokens // f - extra in KNOWN_PATCHES]
+        if len(candidates) != 1:
+            found = ", ".join(f"{f} x {tokens // f - extra}" for f in candidates) or "none"
+            raise ValueError(f"predictor.pos_embedding {tuple(pos.shape)}: cannot tell the number of frames "
+                             f"(frames x patches with {KNOWN_PATCHES} patches: {found}); pass --num-frames")
         num_frames = candidates[0]
     if tokens % num_frames:
         raise ValueError(f"predictor.pos_embedding has {tokens} tokens, not a multiple of num_frames {num_frames}")
@@ -249,8 +253,9 @@ def _infer(model: dict, num_frames: int | None) -> dict:
 def import_dino_wm_checkpoint(path, num_frames: int | None = None, allow_classes=()) -> dict:
     """Read an original DINO-WM checkpoint into our format (see the module docstring).
 
-    num_frames: the predictor's frame count (num_hist, 3 in the original); None infers it as the
-    smallest count that leaves a square patch grid. allow_classes: further class paths (or module
+    num_frames: the predictor's frame count (num_hist, 3 in the original); None infers it as the one
+    count that leaves 196 or 256 patches per frame (the two encoder grids), and is an error if none or
+    several do. allow_classes: further class paths (or module
     prefixes ending in '.') to unpickle as inert stand-ins, for checkpoints of modified original code.
     Raises CompatError with one line naming the file.
     """

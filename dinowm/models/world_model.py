@@ -163,6 +163,8 @@ class VWorldModel(nn.Module):
 
         Each step predicts from the last num_hist latents, takes the last predicted frame and overwrites
         its action part with the embedding of the next real action. Decode with `decode(z, size)`.
+        The last action is embedded into the last latent but not rolled past (the original predicts once
+        more after it): every returned latent has a ground-truth frame to compare with.
         """
         h0 = obs0.shape[1] if visual0 is None else visual0.shape[1]
         if visual0 is None:

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from dinowm.compat import CompatError, import_dino_wm_checkpoint, main
+from dinowm.compat import CompatError, _infer, import_dino_wm_checkpoint, main
 from dinowm.models.decoder import VQVAEDecoder
 from dinowm.models.embeddings import ProprioceptiveEmbedding
 from dinowm.models.predictor import ViTPredictor
@@ -172,7 +172,7 @@ def original(tmp_path_factory):
 def test_import_without_original_code(original):
     path, states = original
     assert "models" not in sys.modules and "models.vit" not in sys.modules
-    ckpt = import_dino_wm_checkpoint(path)
+    ckpt = import_dino_wm_checkpoint(path, num_frames=NUM_FRAMES)
     assert "models.vit" not in sys.modules
     assert ckpt["format"] == "dinowm/1" and ckpt["epoch"] == 7 and ckpt["source"] == str(path)
     expected = {f"{entry}.{k}": v for entry, sd in states.items() for k, v in sd.items()}
@@ -193,7 +193,7 @@ def test_loaded_weights_equal_ours(original):
     model.action_encoder = ProprioceptiveEmbedding(45, 10)
     model.proprio_encoder = ProprioceptiveEmbedding(3, 10)
     model.encoder = nn.Linear(2, 2)  # our encoder is not in original checkpoints
-    result = model.load_state_dict(import_dino_wm_checkpoint(path)["model"], strict=False)
+    result = model.load_state_dict(import_dino_wm_checkpoint(path, num_frames=NUM_FRAMES)["model"], strict=False)
     assert result.unexpected_keys == [] and set(result.missing_keys) == {"encoder.weight", "encoder.bias"}
     for entry, sd in states.items():
         ours = getattr(model, entry).state_dict()
@@ -204,7 +204,7 @@ def test_loaded_weights_equal_ours(original):
 def test_cli_writes_atomically(original, tmp_path, capsys):
     path, _ = original
     out = tmp_path / "sub" / "converted.pt"
-    assert main(["import-dino-wm", str(path), "--out", str(out)]) == 0
+    assert main(["import-dino-wm", str(path), "--out", str(out), "--num-frames", str(NUM_FRAMES)]) == 0
     assert list(out.parent.iterdir()) == [out]  # no temporary file left behind
     ckpt = torch.load(out, weights_only=True)
     assert ckpt["format"] == "dinowm/1" and ckpt["epoch"] == 7
@@ -254,3 +254,21 @@ def test_unknown_original_class_is_named(tmp_path):
     # allowed: unpickled as an inert stand-in; then its entries are not the expected modules
     with pytest.raises(CompatError, match=r"m\.pth: entry 'action_encoder' is a int, not a pickled module"):
         import_dino_wm_checkpoint(tmp_path / "m.pth", allow_classes=["models.foo."])
+
+
+@pytest.mark.parametrize("tokens, frames, patches", [(588, 3, 196), (768, 3, 256), (784, 4, 196)])
+def test_frame_count_inferred_from_the_encoder_grids(tokens, frames, patches):
+    model = {"predictor.pos_embedding": torch.zeros(1, tokens, 404),
+             "action_encoder.patch_embed.weight": torch.zeros(10, 45, 1),
+             "proprio_encoder.patch_embed.weight": torch.zeros(10, 3, 1)}
+    inferred = _infer(model, None)
+    assert (inferred["num_frames"], inferred["num_patches"]) == (frames, patches)
+
+
+def test_ambiguous_frame_count_is_an_error_not_a_guess():
+    model = {"predictor.pos_embedding": torch.zeros(1, 12, 404),  # 3 x 4, 4 x 3, 12 x 1, ... none a known grid
+             "action_encoder.patch_embed.weight": torch.zeros(10, 45, 1),
+             "proprio_encoder.patch_embed.weight": torch.zeros(10, 3, 1)}
+    with pytest.raises(ValueError, match="pass --num-frames"):
+        _infer(model, None)
+    assert _infer(model, 3)["num_patches"] == 4
