@@ -4,6 +4,7 @@ The check itself runs in a subprocess: under TRITON_INTERPRET=1 (set by tests/co
 `@triton.jit` returns interpreted functions that cannot be compiled.
 """
 import importlib
+import json
 import os
 import subprocess
 import sys
@@ -17,10 +18,16 @@ from kernels import compile_check
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def run_check(*args):
+def fresh_env() -> dict:
+    """A real compiler process: no interpreter (once the interpreter has run in a process, e.g. under
+    torch.compile, real compilation there fails with `tl.program_id` left patched)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    return subprocess.run([sys.executable, "-m", "kernels.compile_check", *args], cwd=ROOT, env=env,
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests" / "kernels"), env.get("PYTHONPATH", "")])
+    return env
+
+
+def run_check(*args):
+    return subprocess.run([sys.executable, "-m", "kernels.compile_check", *args], cwd=ROOT, env=fresh_env(),
                           capture_output=True, text=True, timeout=900)
 
 
@@ -52,14 +59,27 @@ def _copy(X, Y, N, BLOCK: tl.constexpr):
     tl.store(Y + offs, tl.load(X + offs, mask=offs < N), mask=offs < N)
 
 
+COMPILE_COPY_KERNEL = """
+import json, triton
+import test_compile_check
+from kernels import compile_check
+fn = triton.runtime.jit.JITFunction(test_compile_check._copy)
+spec = {"name": "copy", "fn": fn, "signature": {"X": "*fp32", "Y": "*fp32", "N": "i32", "BLOCK": "constexpr"},
+        "constexprs": {"BLOCK": 256}, "expect_wgmma": True}
+row = compile_check.compile_one(spec, 90)
+print(json.dumps({"problems": row.problems, "reg": row.reg, "local": row.local, "stack": row.stack,
+                  "table": compile_check.format_table([row])}))
+"""
+
+
 def test_flags_missing_wgmma_and_reports_resources():
-    fn = triton.runtime.jit.JITFunction(_copy)  # compiled kernel object, whatever TRITON_INTERPRET says
-    spec = {"name": "copy", "fn": fn, "signature": {"X": "*fp32", "Y": "*fp32", "N": "i32", "BLOCK": "constexpr"},
-            "constexprs": {"BLOCK": 256}, "expect_wgmma": True}
-    row = compile_check.compile_one(spec, 90)
-    assert row.problems == ["no wgmma in sm_90 PTX"]
-    assert row.reg > 0 and row.local == 0 and row.stack == 0
-    assert "copy" in compile_check.format_table([row])
+    result = subprocess.run([sys.executable, "-c", COMPILE_COPY_KERNEL], cwd=ROOT, env=fresh_env(),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    row = json.loads(result.stdout.splitlines()[-1])
+    assert row["problems"] == ["no wgmma in sm_90 PTX"]
+    assert row["reg"] > 0 and row["local"] == 0 and row["stack"] == 0
+    assert "copy" in row["table"]
 
 
 def test_bad_spec_is_reported():
