@@ -13,7 +13,6 @@ output; forward+backward adds one read of the upstream gradient) and `speedup_vs
 from __future__ import annotations
 
 import importlib
-import os
 
 import pytest
 import torch
@@ -70,9 +69,7 @@ def _make_step(provider, shape, mode, device, dtype):
 @pytest.mark.parametrize("case", list(CASES))
 def test_tiled_embedding(benchmark, bench_utils, timing_cache, device, case, mode, provider):
     small = bench_utils.is_disabled(benchmark)
-    interpreting = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-    if provider == "triton" and device.type != "cuda" and not (small and interpreting):
-        pytest.skip("triton is timed on CUDA only (on CPU it runs as a quick test under TRITON_INTERPRET=1)")
+    bench_utils.skip_untimed_triton(provider, device, small)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if small:
         shape = TINY[case]

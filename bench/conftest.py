@@ -60,8 +60,15 @@ def is_disabled(benchmark) -> bool:
     return bool(getattr(benchmark, "disabled", False))
 
 
+def skip_untimed_triton(provider: str, device: torch.device, small: bool) -> None:
+    """Triton is timed on CUDA only; on CPU it runs as a quick test under TRITON_INTERPRET=1."""
+    interpreting = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    if provider == "triton" and device.type != "cuda" and not (small and interpreting):
+        pytest.skip("triton is timed on CUDA only (on CPU it runs as a quick test under TRITON_INTERPRET=1)")
+
+
 @pytest.fixture(scope="session")
 def bench_utils():
     """The helpers above, for bench files (a conftest cannot be imported reliably: tests/ has one too)."""
     return types.SimpleNamespace(synchronize=synchronize, device_name=device_name, best_time=best_time,
-                                 is_disabled=is_disabled)
+                                 is_disabled=is_disabled, skip_untimed_triton=skip_untimed_triton)
