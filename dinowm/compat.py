@@ -38,7 +38,6 @@ import argparse
 import collections
 import copyreg
 import importlib
-import math
 import pickle
 import sys
 import types

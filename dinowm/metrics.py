@@ -63,9 +63,7 @@ class StepTimer:
 
     def data_ready(self) -> None:
         """Call when the batch has arrived: the time since the last step ended was data wait."""
-        now = time.perf_counter()
-        self.data_seconds += now - self._mark
-        self._data_mark = now
+        self.data_seconds += time.perf_counter() - self._mark
 
     def step_done(self, batch_size: int) -> None:
         _sync(self.device)

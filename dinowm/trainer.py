@@ -12,10 +12,8 @@ A run folder holds:
 from __future__ import annotations
 
 import logging
-import math
 import signal
 import threading
-import time
 import warnings
 from collections import defaultdict
 from pathlib import Path
@@ -255,7 +253,7 @@ class Trainer:
         epoch = self.epoch
         images = epoch % cfg.logging.image_every_epochs == 0
         if images:
-            self._save_training_grid(batch, out, epoch)
+            self._save_grid(batch, out, self.run_dir / "train" / f"train_e{epoch:05d}.png")
         if epoch % cfg.eval.every_epochs == 0 or epoch == cfg.training.epochs:
             self.validate(images=images)
         if epoch % cfg.checkpoint.every_epochs == 0 or epoch == cfg.training.epochs:
@@ -339,12 +337,6 @@ class Trainer:
     # images and checkpoints
     # ------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def _save_training_grid(self, batch: dict, out: dict, epoch: int) -> None:
-        if "recon" not in out:
-            return
-        self._save_grid(batch, out, self.run_dir / "train" / f"train_e{epoch:05d}.png")
-
-    @torch.no_grad()
     def _save_grid(self, batch: dict, out: dict, path: Path) -> None:
         """Rows: ground truth | reconstruction | prediction (target frames) of the first sample."""
         truth = preprocess_images(batch["obs"][0], self.cfg.data.img_size)  # (T, 3, S, S)
@@ -399,12 +391,3 @@ class Trainer:
         self.step, self.epoch, self.batch_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]
         log.info("resumed at step %d (epoch %d, batch %d)", self.step, self.epoch, self.batch_in_epoch)
 
-
-def seconds_per_step(trainer: Trainer, steps: int) -> float:
-    """Mean wall seconds of `steps` training steps (after one warm-up step); for baselines and benchmarks."""
-    it = iter(trainer.train_loader)
-    trainer.train_step(next(it), decode_prediction=False)
-    start = time.perf_counter()
-    for _ in range(steps):
-        trainer.train_step(next(it), decode_prediction=False)
-    return (time.perf_counter() - start) / steps if steps else math.nan

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from franka_fixtures import PAD, encoded_actions, encoded_frames, encoded_states, write_franka_dataset  # noqa: F401
+from franka_fixtures import write_franka_dataset
 
 
 @pytest.fixture
