@@ -238,6 +238,11 @@ def _simple_backend(op: str, module: str, backend: str, device_type: str) -> str
     return _resolve_simple(op, module, backend, device_type).backend
 
 
+def attention_backend_for(backend: str, device_type: str, head_dim: int) -> str:
+    """The backend name `block_causal_attention` resolves to without dropout (models pick a token layout by it)."""
+    return _attention_backend(backend, device_type, head_dim, 0.0, False)
+
+
 def block_causal_attention(q, k, v, frame_ids, rope=None, scale=None, dropout_p=0.0, backend="auto"):
     """Frame-block-causal attention. q, k, v: (B, H, N, D); frame_ids: (N,) int32 -> (B, H, N, D)."""
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
