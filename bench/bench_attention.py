@@ -3,7 +3,7 @@
     BENCH_THREADS=1 pytest bench/bench_attention.py --benchmark-only --benchmark-group-by=group,param
     pytest bench/bench_attention.py --benchmark-disable -q        # each benchmark once, small shapes
 
-Shapes (SPEC §5, §11): `dinowm` = B x 3 frames x 256 patch tokens, 16 heads x 64, no RoPE;
+Shapes (docs/contract.md §5, §11): `dinowm` = B x 3 frames x 256 patch tokens, 16 heads x 64, no RoPE;
 `ac` = B x 7 frames x (2 + 256) tokens, 16 heads x 24, 3-axis RoPE. B = 32 / 1 on CUDA, 4 / 1 on
 CPU; under --benchmark-disable B = 1 and 2 heads.
 

@@ -1,7 +1,7 @@
 """One training step of the DINO world model: our fast path vs the original's step, same run.
 
 Baseline ("original"): fp32, reference attention (explicit scores + dense mask), the frozen encoder
-recomputed every step, the prediction decoded every step (SPEC §7, §12).
+recomputed every step, the prediction decoded every step (docs/contract.md §7, §12).
 Fast: encoder features from the cache, prediction decoded only on logging steps, `auto` kernel
 backends, fp32 or bf16 autocast.
 

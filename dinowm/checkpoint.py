@@ -23,10 +23,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dinowm.errors import UserError
+
 CHECKPOINT_FORMAT = "dinowm/1"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint that cannot be used, named with its path and what to do."""
 
 

@@ -1,4 +1,4 @@
-"""Importer for original DINO-WM checkpoints (SPEC §10), without the original code installed.
+"""Importer for original DINO-WM checkpoints (docs/contract.md §10), without the original code installed.
 
     python -m dinowm.compat import-dino-wm model_latest.pth --out converted.pt
 
@@ -39,13 +39,13 @@ import collections
 import copyreg
 import importlib
 import pickle
-import sys
 import types
 from pathlib import Path
 
 import torch
 
 from dinowm.checkpoint import CHECKPOINT_FORMAT, atomic_save
+from dinowm.errors import UserError, run_cli
 
 REQUIRED_ENTRIES = ("epoch", "predictor", "action_encoder", "proprio_encoder")
 MODEL_ENTRIES = ("predictor", "decoder", "action_encoder", "proprio_encoder", "encoder")
@@ -61,7 +61,7 @@ ORIGINAL_CLASSES = frozenset({
 })
 
 
-class CompatError(ValueError):
+class CompatError(UserError, ValueError):
     """A checkpoint that cannot be imported; the message is one line naming the file."""
 
 
@@ -202,11 +202,11 @@ def _state_dict(module, prefix: str = "") -> dict:
     return out
 
 
-KNOWN_PATCHES = (196, 256)  # encoder input 196 px -> 14 x 14 patches, 224 px -> 16 x 16 (SPEC §3)
+KNOWN_PATCHES = (196, 256)  # encoder input 196 px -> 14 x 14 patches, 224 px -> 16 x 16 (docs/contract.md §3)
 
 
 def _infer(model: dict, num_frames: int | None) -> dict:
-    """Model hyper-parameters from the tensor shapes (SPEC §10)."""
+    """Model hyper-parameters from the tensor shapes (docs/contract.md §10)."""
     pos = model["predictor.pos_embedding"]  # (1, F * P, D)
     tokens, dim = pos.shape[1], pos.shape[2]
     action_w = model["action_encoder.patch_embed.weight"]  # (Ea, Da, 1)
@@ -217,7 +217,7 @@ def _infer(model: dict, num_frames: int | None) -> dict:
 
     if num_frames is None:
         # The original does not store num_hist. Many frame counts leave a square grid (588 tokens: 3 x 196,
-        # 12 x 49, ...); only the grids of the two encoder sizes (SPEC §3) are plausible, and an ambiguity
+        # 12 x 49, ...); only the grids of the two encoder sizes (docs/contract.md §3) are plausible, and an ambiguity
         # is an error rather than a guess.
         candidates = [f for f in range(1, tokens + 1) if tokens % f == 0 and tokens // f - extra in KNOWN_PATCHES]
         if len(candidates) != 1:
@@ -310,12 +310,8 @@ def main(argv=None) -> int:
     imp.add_argument("--allow-class", action="append", default=[], metavar="PATH",
                      help="also unpickle this class path (or module prefix ending in '.') as an inert stand-in")
     args = parser.parse_args(argv)
-    try:
-        ckpt = import_dino_wm_checkpoint(args.checkpoint, num_frames=args.num_frames, allow_classes=args.allow_class)
-        atomic_save(ckpt, args.out)
-    except (CompatError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    ckpt = import_dino_wm_checkpoint(args.checkpoint, num_frames=args.num_frames, allow_classes=args.allow_class)
+    atomic_save(ckpt, args.out)
     n = sum(t.numel() for t in ckpt["model"].values())
     print(f"{args.checkpoint} -> {args.out}: epoch {ckpt['epoch']}, {len(ckpt['model'])} tensors, {n:,} values; "
           f"inferred {ckpt['inferred']}")
@@ -323,4 +319,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

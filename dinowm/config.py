@@ -13,6 +13,9 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dinowm.errors import UserError
+from kernels.dispatch import ATTENTION_BACKENDS, SIMPLE_BACKENDS
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -21,14 +24,14 @@ else:  # pragma: no cover
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration problem, phrased for the user (file, key, value and what to do)."""
 
 
 @dataclass
 class DataConfig:
     path: str = ""
-    """Dataset folder in the Franka format (SPEC §1). Relative paths are resolved from the working directory."""
+    """Dataset folder in the Franka format (docs/contract.md §1). Relative paths are resolved from the working directory."""
     demo_episodes: int = 0
     """If > 0 and `path` holds no dataset, generate a simulated demo dataset of this many episodes there."""
     demo_frames: int = 150
@@ -72,7 +75,7 @@ class ModelConfig:
     predictor_dim_head: int = 64
     predictor_mlp_dim: int = 2048
     predictor_dropout: float = 0.1
-    """Dropout on attention probabilities, attention output and MLP (SPEC §5)."""
+    """Dropout on attention probabilities, attention output and MLP (docs/contract.md §5)."""
     predictor_emb_dropout: float = 0.0
     attention_backend: str = "auto"
     """auto | triton | sdpa | flex | flash | xformers | reference (see kernels.dispatch)."""
@@ -107,7 +110,7 @@ class OptimConfig:
     """Action and proprio embeddings (one AdamW group)."""
     embedding_weight_decay: float = 0.01
     decoder_lr: float = 3e-4
-    """Decoder: Adam, no weight decay (SPEC §9)."""
+    """Decoder: Adam, no weight decay (docs/contract.md §9)."""
 
 
 @dataclass
@@ -179,10 +182,9 @@ class Config:
         if m.concat_dim == 0:
             _check(m.action_emb_dim == m.proprio_emb_dim == 384, "model.action_emb_dim", m.action_emb_dim,
                    "with concat_dim = 0 the action and proprio embeddings are tokens: both dims must be 384")
-        _check_choice("model.attention_backend", m.attention_backend,
-                      ("auto", "triton", "sdpa", "flex", "flash", "xformers", "reference"))
-        _check_choice("model.layernorm_linear_backend", m.layernorm_linear_backend, ("auto", "triton", "reference"))
-        _check_choice("model.embedding_backend", m.embedding_backend, ("auto", "triton", "reference"))
+        _check_choice("model.attention_backend", m.attention_backend, ATTENTION_BACKENDS)
+        _check_choice("model.layernorm_linear_backend", m.layernorm_linear_backend, SIMPLE_BACKENDS)
+        _check_choice("model.embedding_backend", m.embedding_backend, SIMPLE_BACKENDS)
         _check(0.0 <= m.predictor_dropout < 1.0, "model.predictor_dropout", m.predictor_dropout, "must be in [0, 1)")
         _check_choice("training.dtype", t.dtype, ("fp32", "bf16"))
         _check(t.batch_size >= 1, "training.batch_size", t.batch_size, "must be >= 1")

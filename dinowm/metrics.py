@@ -1,7 +1,8 @@
 """Observability components: throughput metrics, metric sinks, profiler, image metrics.
 
 - `StepTimer` owns the timers of the training loop: samples/s, data-wait %, achieved FLOP/s and
-  MFU (when the device's peak is known), peak memory.
+  MFU (when the device's peak is known; FLOPs counted on the first real step), peak memory.
+- `LossWindow` averages the step losses between two logging steps.
 - `MetricSink` writes every record to `<run>/metrics.jsonl`, and to TensorBoard / W&B only when
   they are installed and enabled.
 - `maybe_profile` yields a torch.profiler (or None); the loop calls `.step()` on it.
@@ -13,6 +14,7 @@ import contextlib
 import json
 import logging
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -61,6 +63,15 @@ class StepTimer:
         self.data_seconds = 0.0
         self.total_seconds = 0.0
 
+    def run_step(self, step_fn, batch_size: int):
+        """`step_fn()`; the first time under FlopCounterMode, which sets flops_per_sample (counted on a
+        real training step, so no extra work is done)."""
+        if self.flops_per_sample is not None:
+            return step_fn()
+        out, flops = count_step_flops(step_fn)
+        self.flops_per_sample = flops / batch_size
+        return out
+
     def data_ready(self) -> None:
         """Call when the batch has arrived: the time since the last step ended was data wait."""
         self.data_seconds += time.perf_counter() - self._mark
@@ -89,6 +100,27 @@ class StepTimer:
             out["peak_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         self._reset_window()
         return out
+
+
+class LossWindow:
+    """Mean of every `*loss` entry of the step outputs since the last `mean()`, each key over its own
+    count (decoder_pred_loss exists only on logging steps)."""
+
+    def __init__(self):
+        self._sums, self._counts = defaultdict(float), defaultdict(int)
+
+    def add(self, out: dict) -> None:
+        for k, v in out.items():
+            if k.endswith("loss"):
+                self._sums[k] += float(v.detach())
+                self._counts[k] += 1
+
+    def mean(self) -> dict:
+        """{key: mean} over the window, then starts a new window."""
+        means = {k: v / self._counts[k] for k, v in self._sums.items()}
+        self._sums.clear()
+        self._counts.clear()
+        return means
 
 
 class MetricSink:

@@ -23,14 +23,15 @@ from tqdm import tqdm
 
 from dinowm.checkpoint import (
     CHECKPOINT_FORMAT,
+    CheckpointError,
     atomic_save,
     capture_rng_state,
     restore_rng_state,
 )
-from dinowm.config import Config
-from dinowm.data import DatasetError, FrameWindows, build_data, make_loader, preprocess_images
+from dinowm.config import Config, ConfigError
+from dinowm.data import DatasetError, FeatureCache, FrameWindows, build_data, make_loader, preprocess_images
 from dinowm.data.normalize import NormStats
-from dinowm.metrics import MetricSink, StepTimer, count_step_flops, maybe_profile, psnr, ssim
+from dinowm.metrics import LossWindow, MetricSink, StepTimer, maybe_profile, psnr, ssim
 from dinowm.models.world_model import build_world_model
 from dinowm.visualize import save_grid
 
@@ -43,12 +44,12 @@ def pick_device(name: str) -> torch.device:
         log.info("device: %s (training.device = auto)", device)
         return device
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit(f"training.device = {name!r} but no CUDA device is available; use --training.device cpu")
+        raise ConfigError(f"training.device = {name!r} but no CUDA device is available; use --training.device cpu")
     return torch.device(name)
 
 
 def build_optimizers(model, cfg) -> dict[str, torch.optim.Optimizer]:
-    """SPEC §9: AdamW for the predictor and the embeddings, Adam for the decoder; the encoder is frozen."""
+    """docs/contract.md §9: AdamW for the predictor and the embeddings, Adam for the decoder; the encoder is frozen."""
     groups = model.parameter_groups()
     return {
         "predictor": torch.optim.AdamW(groups["predictor"], lr=cfg.predictor_lr, weight_decay=cfg.predictor_weight_decay),
@@ -81,32 +82,6 @@ class StopOnInterrupt:
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
         return False
-
-
-class FeatureCache:
-    """Frozen-encoder features of every frame, computed once up front.
-
-    Exact, not an approximation: the encoder is frozen and deterministic, so its output for a frame
-    never changes. Filled in frame order in fixed chunks, so the cache is the same in every run
-    (and exact resume does not depend on which frames the first batches happened to touch).
-    """
-
-    def __init__(self, model, frames: torch.Tensor, img_size: int, device: torch.device, dtype: torch.dtype,
-                 chunk: int = 32, progress: bool = True):
-        n = frames.shape[0]
-        self.features = None
-        with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            for start in tqdm(range(0, n, chunk), desc="caching encoder features", unit="chunk",
-                              disable=not progress, leave=False):
-                obs = preprocess_images(frames[start:start + chunk].to(device), img_size)  # (C, 3, S, S)
-                feats = model.encode_visual(obs[None])[0]  # (C, P, 384)
-                if self.features is None:  # the encoder's own output dtype (fp32 under autocast: final LayerNorm)
-                    self.features = torch.empty((n,) + tuple(feats.shape[1:]), dtype=feats.dtype, device=device)
-                self.features[start:start + chunk] = feats
-
-    def __getitem__(self, frame_index: torch.Tensor) -> torch.Tensor:
-        """frame_index: (B, T) global frame ids -> (B, T, P, 384)."""
-        return self.features[frame_index.to(self.features.device)]
 
 
 class Trainer:
@@ -153,7 +128,6 @@ class Trainer:
                                       num_workers=0, pin_memory=self.device.type == "cuda")
         self.sink = MetricSink(self.run_dir, cfg.to_dict(), cfg.logging.tensorboard, cfg.logging.wandb,
                                cfg.logging.wandb_project)
-        self.flops_per_sample = None
         if checkpoint:  # last, so that nothing after it draws random numbers
             restore_rng_state(checkpoint["rng"])
 
@@ -195,7 +169,7 @@ class Trainer:
         if t.max_steps:
             total_steps = min(total_steps, t.max_steps)
         timer = StepTimer(self.device)
-        window, window_counts = defaultdict(float), defaultdict(int)  # loss sums and counts since the last log
+        window = LossWindow()  # losses since the last log
         last = {}
         bar = tqdm(total=total_steps, initial=self.step, desc="train", unit="step",
                    disable=not cfg.logging.progress_bar, dynamic_ncols=True)
@@ -205,29 +179,20 @@ class Trainer:
                 for batch in self.train_loader:
                     timer.data_ready()
                     log_step = (self.step + 1) % cfg.logging.every_steps == 0
-                    if self.flops_per_sample is None:  # count once, on a real step (no extra work)
-                        out, flops = count_step_flops(lambda: self.train_step(batch, log_step))
-                        self.flops_per_sample = timer.flops_per_sample = flops / batch["obs"].shape[0]
-                    else:
-                        out = self.train_step(batch, log_step)
+                    out = timer.run_step(lambda: self.train_step(batch, log_step), batch["obs"].shape[0])
                     self.step += 1
                     self.batch_in_epoch += 1
                     timer.step_done(batch["obs"].shape[0])
                     if profiler is not None:
                         profiler.step()
-                    for k, v in out.items():
-                        if k.endswith("loss"):  # decoder_pred_loss exists only on logging steps
-                            window[k] += float(v.detach())
-                            window_counts[k] += 1
+                    window.add(out)
                     bar.update(1)
                     if log_step or self.step == total_steps:
-                        last = {k: v / window_counts[k] for k, v in window.items()}
+                        last = window.mean()
                         last.update(timer.summary())
                         last["epoch"] = self.epoch + self.batch_in_epoch / steps_per_epoch
                         self.sink.write(self.step, "train", last)
                         bar.set_postfix(loss=f"{last['loss']:.4f}", sps=f"{last['samples_per_s']:.1f}")
-                        window.clear()
-                        window_counts.clear()
                     if self.batch_in_epoch == steps_per_epoch:  # before a Ctrl-C save: never save "end of epoch, not done"
                         self._end_of_epoch(batch, out)
                     if stop.requested:
@@ -288,7 +253,7 @@ class Trainer:
 
     @torch.no_grad()
     def rollout_metrics(self, images: bool = True) -> dict:
-        """Open-loop rollouts (SPEC §8) from the start of a few validation episodes.
+        """Open-loop rollouts (docs/contract.md §8) from the start of a few validation episodes.
 
         Per horizon h: latent MSE of the visual and proprio channels, PSNR and SSIM of decoded frames.
         """
@@ -377,11 +342,11 @@ class Trainer:
         try:
             missing, unexpected = self.model.load_state_dict(weights, strict=False)
         except RuntimeError as e:  # shape mismatches
-            raise SystemExit(f"error: the checkpoint's weights do not fit the configured model (check model.* and "
+            raise CheckpointError(f"the checkpoint's weights do not fit the configured model (check model.* and "
                              f"data.* settings): {str(e).splitlines()[-1].strip()}") from None
         missing = [k for k in missing if not k.startswith("encoder.")]
         if missing or unexpected:
-            raise SystemExit(f"error: the checkpoint's weights do not match the configured model: missing "
+            raise CheckpointError(f"the checkpoint's weights do not match the configured model: missing "
                              f"{missing[:5]}, unexpected {unexpected[:5]} (check model.* and data.* settings)")
 
     def _load_state(self, ckpt: dict) -> None:

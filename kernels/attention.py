@@ -37,7 +37,7 @@ the backward: rotating a tile per loop iteration there spills registers on sm_80
 O(N D) against the O(N^2 D) of attention; the epilogues rotate dq~, dk~ back). No atomics: dq, dk
 and dv are each written by exactly one program, so results are deterministic.
 
-Dropout (attention probabilities, SPEC §5): keep[i, j] = philox(seed + (b*H + h) << 32, i*N + j) >= p,
+Dropout (attention probabilities, docs/contract.md §5): keep[i, j] = philox(seed + (b*H + h) << 32, i*N + j) >= p,
 regenerated identically in both backward kernels; `dropout_keep_mask` reproduces it for tests.
 
 Numerics: loads are upcast to ACC (fp32, fp64 for gradcheck) right away, RoPE is applied in ACC from
@@ -50,19 +50,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from .dispatch import register_flops
+from .common import dot_dtype, tl_dtypes, unit_last
+from .flops import block_causal_attention_bwd_flops, block_causal_attention_flops, register_flops
 
 LOG2E = 1.4426950408889634
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -492,20 +488,14 @@ def block_maps(frame_ids: torch.Tensor, block_m: int, block_n: int):
 # ----------------------------------------------------------------------------------------------
 # launchers
 # ----------------------------------------------------------------------------------------------
-_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
-              torch.float64: tl.float64}
-
-
 def _dtypes(dtype: torch.dtype):
     """(DOT, ACC, PRECISION, acc torch dtype) for an input dtype."""
-    if dtype not in _TL_DTYPES:
+    if dtype not in tl_dtypes():
         raise TypeError(f"attention: unsupported dtype {dtype}; use fp16, bf16, fp32 or fp64")
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    dot = _TL_DTYPES[dtype]
-    if dtype == torch.bfloat16 and _interpreting():
-        dot = tl.float32  # interpreter bf16 arithmetic is broken (triton issue 11584)
+    dot = dot_dtype(dtype)
     precision = "ieee" if dot in (tl.float32, tl.float64) else "tf32"
-    return dot, _TL_DTYPES[acc], precision, acc
+    return dot, tl_dtypes()[acc], precision, acc
 
 
 def _check_inputs(q, k, v, frame_ids, cos, sin):
@@ -525,10 +515,6 @@ def _check_inputs(q, k, v, frame_ids, cos, sin):
     config_for(d)
 
 
-def _unit_last(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
 def _bhn_strides(x: torch.Tensor):
     return x.stride(0), x.stride(1), x.stride(2)
 
@@ -539,7 +525,7 @@ def attention_fwd(q, k, v, frame_ids, cos=None, sin=None, seed=None, scale=None,
     seed: (1,) int64 when dropout_p > 0. Returns out (B, H, N, D) and lse (B, H, N) fp32 (fp64 for
     fp64 inputs). `out`/`lse` may be passed preallocated (tests poison them)."""
     _check_inputs(q, k, v, frame_ids, cos, sin)
-    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    q, k, v = unit_last(q), unit_last(k), unit_last(v)
     b, h, n, d = q.shape
     has_rope, has_dropout = cos is not None, dropout_p > 0.0
     block_m, block_n, num_warps, num_stages = (config or config_for(d, has_dropout)).fwd
@@ -574,7 +560,7 @@ def rope_fwd(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Ten
     in x's dtype like the fused forward's dot inputs. The backward kernels read q~, k~ from it: rotating
     them inside the loops costs registers (spills on sm_80) for a pass that is O(N D), not O(N^2 D)."""
     b, h, n, d = x.shape
-    x = _unit_last(x)
+    x = unit_last(x)
     out = torch.empty((b, h, n, d), device=x.device, dtype=x.dtype)
     _rope_kernel[(triton.cdiv(n, ROPE_BLOCK), b * h)](
         x, cos, sin, out, *_bhn_strides(x), h, n,
@@ -587,7 +573,7 @@ def attention_bwd(do, q, k, v, out, lse, frame_ids, cos=None, sin=None, seed=Non
                   config: AttentionConfig | None = None, dq=None, dk=None, dv=None):
     """Backward launcher: dq, dk, dv (B, H, N, D) from dO and the forward's out and lse."""
     _check_inputs(q, k, v, frame_ids, cos, sin)
-    q, k, v, do = _unit_last(q), _unit_last(k), _unit_last(v), _unit_last(do)
+    q, k, v, do = unit_last(q), unit_last(k), unit_last(v), unit_last(do)
     b, h, n, d = q.shape
     has_rope, has_dropout = cos is not None, dropout_p > 0.0
     cfg = config or config_for(d, has_dropout)
@@ -648,7 +634,7 @@ def _config_from(blocks: list[int], head_dim: int, dropout_p: float) -> Attentio
                            dq=(*blocks[4:6], *base.dq[2:]))
 
 
-@torch.library.custom_op("kernels::block_causal_attention", mutates_args=())
+@torch.library.custom_op("dinowm::block_causal_attention", mutates_args=())
 def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, frame_ids: torch.Tensor,
                   cos: torch.Tensor | None, sin: torch.Tensor | None, seed: torch.Tensor | None,
                   scale: float, dropout_p: float, blocks: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -661,7 +647,7 @@ def _(q, k, v, frame_ids, cos, sin, seed, scale, dropout_p, blocks):
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:3], dtype=acc)
 
 
-@torch.library.custom_op("kernels::block_causal_attention_bwd", mutates_args=())
+@torch.library.custom_op("dinowm::block_causal_attention_bwd", mutates_args=())
 def _attention_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                       lse: torch.Tensor, frame_ids: torch.Tensor, cos: torch.Tensor | None,
                       sin: torch.Tensor | None, seed: torch.Tensor | None, scale: float, dropout_p: float,
@@ -708,91 +694,6 @@ def block_causal_attention_triton(q, k, v, frame_ids, rope=None, scale=None, dro
     return out
 
 
-# ----------------------------------------------------------------------------------------------
-# FLOP formulas (torch.utils.flop_counter.FlopCounterMode)
-# ----------------------------------------------------------------------------------------------
-def allowed_pairs(frame_ids: torch.Tensor) -> int:
-    """Number of (i, j) with frame(j) <= frame(i), from the per-frame token counts c_f (no (N, N) tensor):
-    sum_f c_f * (c_0 + ... + c_f). Without values (fake or meta frame_ids, under tracing) the dense N * N."""
-    from torch._subclasses.fake_tensor import FakeTensor
-    from torch._subclasses.functional_tensor import FunctionalTensor
-
-    if isinstance(frame_ids, (FakeTensor, FunctionalTensor)) or frame_ids.device.type == "meta":
-        return frame_ids.numel() ** 2
-    counts = torch.unique(frame_ids, return_counts=True)[1].to(torch.int64)  # (F,) in frame order
-    return int((counts * counts.cumsum(0)).sum())
-
-
-def _attention_flops(q, frame_ids) -> int:
-    """4 * B * H * D * allowed: QK^T and PV over the allowed score entries only."""
-    b, h, _n, d = q.shape  # (B, H, N, D)
-    return 4 * b * h * d * allowed_pairs(frame_ids)
-
-
-@register_flops(torch.ops.kernels.block_causal_attention)
-def _block_causal_attention_flops(q, k, v, frame_ids, *args, out_val=None, **kwargs) -> int:
-    return _attention_flops(q, frame_ids)
-
-
-@register_flops(torch.ops.kernels.block_causal_attention_bwd)
-def _block_causal_attention_bwd_flops(do, q, k, v, out, lse, frame_ids, *args, out_val=None, **kwargs) -> int:
-    return 5 * _attention_flops(q, frame_ids) // 2  # 2.5x the forward: QK^T recomputed, dV, dP, dQ, dK
-
-
-# ----------------------------------------------------------------------------------------------
-# compile checks (kernels/compile_check.py)
-# ----------------------------------------------------------------------------------------------
-def compile_specs() -> list[dict]:
-    """Every kernel x shipped configuration (head dims 24/32/64 x fp16/bf16 x RoPE x dropout), in the
-    format of kernels/compile_check.py: ASTSource signature/constexprs plus launch options."""
-    specs = []
-    for head_dim in HEAD_DIMS:
-        for dtype in ("fp16", "bf16"):
-            ptr = f"*{dtype}"
-            for has_rope in (False, True):
-                for has_dropout in (False, True):
-                    cfg = config_for(head_dim, has_dropout)
-                    label = f"d{head_dim},{dtype},rope={int(has_rope)},dropout={int(has_dropout)}"
-                    for name, fn, tensors, floats, (bm, bn, warps, stages) in (
-                        ("attn_fwd", _attn_fwd_kernel, ("Q", "K", "V", "Out"), ("qk_scale", "dropout_p"), cfg.fwd),
-                        ("attn_bwd_dkdv", _attn_bwd_dkdv_kernel, ("Q", "K", "V", "DO", "DK", "DV"),
-                         ("sm_scale", "qk_scale", "dropout_p"), cfg.dkdv),
-                        ("attn_bwd_dq", _attn_bwd_dq_kernel, ("Q", "K", "V", "DO", "DQ"),
-                         ("sm_scale", "qk_scale", "dropout_p"), cfg.dq),
-                    ):
-                        constexprs = dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=_pad_head_dim(head_dim), BLOCK_M=bm,
-                                          BLOCK_N=bn, HAS_ROPE=has_rope, HAS_DROPOUT=has_dropout,
-                                          DOT=_TL_DTYPES[{"fp16": torch.float16, "bf16": torch.bfloat16}[dtype]],
-                                          ACC=tl.float32, PRECISION="tf32")
-                        signature = {}
-                        for arg in fn.arg_names:
-                            if arg in constexprs:
-                                signature[arg] = "constexpr"
-                            elif arg in tensors:
-                                signature[arg] = ptr
-                            elif arg in ("Cos", "Sin", "Lse", "Delta"):
-                                signature[arg] = "*fp32"
-                            elif arg == "Seed":
-                                signature[arg] = "*i64"
-                            elif arg[0].isupper():
-                                signature[arg] = "*i32"  # frame ids and tile lists
-                            elif arg in floats:
-                                signature[arg] = "fp32"
-                            else:
-                                signature[arg] = "i32"  # strides and sizes
-                        pointers = [a for a, t in signature.items() if t.startswith("*")]
-                        strides = [a for a in fn.arg_names if a.startswith("stride_")] if head_dim % 16 == 0 else []
-                        specs.append({"name": name, "fn": fn, "signature": signature, "constexprs": constexprs,
-                                      "num_warps": warps, "num_stages": stages, "config": label,
-                                      "expect_wgmma": True, "aligned": pointers + strides})
-            specs.append({
-                "name": "rope", "fn": _rope_kernel, "config": f"d{head_dim},{dtype}", "num_warps": ROPE_WARPS, "num_stages": 1,
-                "signature": {"X": ptr, "Cos": "*fp32", "Sin": "*fp32", "Out": ptr, "stride_xb": "i32",
-                              "stride_xh": "i32", "stride_xn": "i32", "n_heads": "i32", "n_ctx": "i32",
-                              "HEAD_DIM": "constexpr", "HEAD_DIM_PAD": "constexpr", "BLOCK": "constexpr",
-                              "ACC": "constexpr"},
-                "constexprs": {"HEAD_DIM": head_dim, "HEAD_DIM_PAD": _pad_head_dim(head_dim), "BLOCK": ROPE_BLOCK,
-                               "ACC": tl.float32},
-                "aligned": ["X", "Cos", "Sin", "Out"],
-            })
-    return specs
+# FLOP formulas: kernels.flops
+register_flops(torch.ops.dinowm.block_causal_attention)(block_causal_attention_flops)
+register_flops(torch.ops.dinowm.block_causal_attention_bwd)(block_causal_attention_bwd_flops)

@@ -36,12 +36,13 @@ import dataclasses
 import functools
 import importlib
 import logging
-import os
 
 import torch
 import torch.nn.functional as F
 
+from . import flops  # noqa: F401  (registers the FLOP formulas of the CPU SDPA path `sdpa` runs)
 from . import reference
+from .common import interpreting
 
 log = logging.getLogger("kernels")
 
@@ -76,10 +77,6 @@ def _log_once(choice: Choice) -> Choice:
     return choice
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 @functools.lru_cache(maxsize=None)
 def _importable(module: str) -> str | None:
     """None if `module` imports, else the reason it does not."""
@@ -92,7 +89,7 @@ def _importable(module: str) -> str | None:
 
 def _triton_blocker(module: str, device_type: str) -> str | None:
     """Why the Triton implementation in `module` cannot run on `device_type` tensors, or None."""
-    if device_type != "cuda" and not _interpreting():
+    if device_type != "cuda" and not interpreting():
         return f"Triton needs CUDA tensors (got {device_type}; set TRITON_INTERPRET=1 to interpret on CPU)"
     return _importable("triton") or _importable(module)
 
@@ -300,52 +297,3 @@ def tiled_embedding(visual, proprio, action, proprio_weight, proprio_bias, actio
                                       action_bias)
     return reference.tiled_embedding_ref(visual, proprio, action, proprio_weight, proprio_bias,
                                          action_weight, action_bias)
-
-
-# ----------------------------------------------------------------------------------------------
-# FLOP formulas for torch.utils.flop_counter.FlopCounterMode (dinowm.metrics.count_step_flops)
-# ----------------------------------------------------------------------------------------------
-def register_flops(op, get_raw: bool = True):
-    """Decorator: register `fn` as the FlopCounterMode formula of `op` (an OpOverloadPacket), once.
-
-    FlopCounterMode copies the registry when it is created, and the Triton modules are imported lazily,
-    typically during the very step being counted: the formula is also added to the counters running now.
-    """
-    from torch.utils import flop_counter
-    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
-
-    def wrap(fn):
-        if op not in flop_counter.flop_registry:
-            flop_counter.register_flop_formula(op, get_raw=get_raw)(fn)
-        formula = flop_counter.flop_registry[op]
-        for mode in _get_current_dispatch_mode_stack():
-            counter = getattr(mode, "counter", None)
-            if isinstance(counter, flop_counter.FlopCounterMode):
-                counter.flop_registry.setdefault(op, formula)
-        return fn
-
-    return wrap
-
-
-def _register_cpu_sdpa_flops() -> None:
-    """F.scaled_dot_product_attention on CPU (the `sdpa` backend) runs the CPU flash kernels, for which
-    torch 2.13's FlopCounterMode has no formula. Shape-based, like torch's own SDPA formulas (no causal
-    discount): forward 2*B*H*Nq*Nk*(Dqk + Dv) (= 4*B*H*Nq*Nk*D), backward 2.5x that."""
-    aten = torch.ops.aten
-    fwd = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-    bwd = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
-
-    def fwd_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-        b, h, nq, d = query_shape  # (B, H, Nq, D)
-        return 2 * b * h * nq * key_shape[-2] * (d + value_shape[-1])
-
-    def bwd_flops(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-        return 5 * fwd_flops(query_shape, key_shape, value_shape) // 2
-
-    if fwd is not None:
-        register_flops(fwd, get_raw=False)(fwd_flops)
-    if bwd is not None:
-        register_flops(bwd, get_raw=False)(bwd_flops)
-
-
-_register_cpu_sdpa_flops()

@@ -2,7 +2,7 @@
 
 Shapes: visual: (B, T, P, Dv); proprio: (B, T, Dp); action: (B, T, Da); proprio_weight: (Ep, Dp) and
 action_weight: (Ea, Da) (Conv1d weights (E, D, 1) squeezed); biases (Ep,), (Ea,).
-Output: (B, T, P, Dv + Ep + Ea) in visual's dtype, channel order visual, proprio, action (SPEC §4).
+Output: (B, T, P, Dv + Ep + Ea) in visual's dtype, channel order visual, proprio, action (docs/contract.md §4).
 `kernels.reference.tiled_embedding_ref` is the spec.
 
 Forward (one kernel, programs own one (b, t) frame x BLOCK_P patches):
@@ -36,7 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .dispatch import register_flops
+from .common import unit_last
+from .flops import register_flops, tiled_embedding_backward_flops, tiled_embedding_flops
 
 # one fixed configuration per kernel (autotune with several configs fails without a GPU driver)
 FWD_CONFIG = dict(BLOCK_P=32, BLOCK_D=128, num_warps=4, num_stages=1)
@@ -201,10 +202,6 @@ def _small_blocks(dp, da, ep, ea) -> dict:
     return dict(BLOCK_DP=p2(dp), BLOCK_DA=p2(da), BLOCK_EP=p2(ep), BLOCK_EA=p2(ea))
 
 
-def _unit_last(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 def _check_inputs(visual, proprio, action, proprio_weight, proprio_bias, action_weight, action_bias, frame_index):
     named = dict(visual=visual, proprio=proprio, action=action, proprio_weight=proprio_weight,
                  proprio_bias=proprio_bias, action_weight=action_weight, action_bias=action_bias)
@@ -245,10 +242,10 @@ def tiled_embedding_fwd(visual, proprio, action, proprio_weight, proprio_bias, a
     da = action.shape[-1]
     p, dv = visual.shape[-2:]
     ep, ea = proprio_weight.shape[0], action_weight.shape[0]
-    vis = _unit_last(visual if frame_index is not None else visual.reshape(b * t, p, dv))  # (F, P, Dv)
-    pr = _unit_last(proprio.reshape(b * t, dp))  # (B*T, Dp)
-    ac = _unit_last(action.reshape(b * t, da))  # (B*T, Da)
-    wp, wa = _unit_last(proprio_weight), _unit_last(action_weight)
+    vis = unit_last(visual if frame_index is not None else visual.reshape(b * t, p, dv))  # (F, P, Dv)
+    pr = unit_last(proprio.reshape(b * t, dp))  # (B*T, Dp)
+    ac = unit_last(action.reshape(b * t, da))  # (B*T, Da)
+    wp, wa = unit_last(proprio_weight), unit_last(action_weight)
     out = torch.empty(b * t, p, dv + ep + ea, dtype=visual.dtype, device=visual.device)  # (B*T, P, D)
     index = frame_index.reshape(b * t).to(torch.int64) if frame_index is not None else out
     if out.numel() > 0:
@@ -274,7 +271,7 @@ def tiled_embedding_bwd(grad, proprio, action, proprio_weight, action_weight, dv
     p = grad.shape[2]
     if grad.shape != (b, t, p, dv + ep + ea):
         raise ValueError(f"tiled_embedding: grad must be ({b}, {t}, P, {dv + ep + ea}), got {tuple(grad.shape)}")
-    g = _unit_last(grad).reshape(b * t, p, dv + ep + ea)  # (B*T, P, D)
+    g = unit_last(grad).reshape(b * t, p, dv + ep + ea)  # (B*T, P, D)
     acc = _acc_dtype(grad, proprio, action, proprio_weight, action_weight)
     sums_dtype = torch.float64 if acc == tl.float64 else torch.float32
     dpe = torch.empty(b * t, ep, dtype=sums_dtype, device=grad.device)  # (B*T, Ep)
@@ -282,7 +279,7 @@ def tiled_embedding_bwd(grad, proprio, action, proprio_weight, action_weight, dv
     dproprio = torch.empty(b * t, dp, dtype=proprio.dtype, device=grad.device)  # (B*T, Dp)
     daction = torch.empty(b * t, da, dtype=action.dtype, device=grad.device)  # (B*T, Da)
     if b * t > 0:
-        wp, wa = _unit_last(proprio_weight), _unit_last(action_weight)
+        wp, wa = unit_last(proprio_weight), unit_last(action_weight)
         _tiled_embedding_bwd_kernel[(b * t,)](
             g, wp, wa, dpe, dae, dproprio, daction,
             g.stride(0), g.stride(1), wp.stride(0), wa.stride(0), dproprio.stride(0), daction.stride(0),
@@ -365,52 +362,6 @@ def tiled_embedding_triton(visual, proprio, action, proprio_weight, proprio_bias
                                frame_index)
 
 
-# ----------------------------------------------------------------------------------------------
-# FLOP formulas (torch.utils.flop_counter.FlopCounterMode)
-# ----------------------------------------------------------------------------------------------
-def _small_gemm_flops(proprio, action, proprio_weight, action_weight) -> int:
-    """2 * B * T * (Ep * Dp + Ea * Da): the tiny GEMMs, once per frame (not per patch)."""
-    frames = proprio.numel() // proprio.shape[-1]
-    return 2 * frames * (proprio_weight.numel() + action_weight.numel())
-
-
-@register_flops(torch.ops.dinowm.tiled_embedding)
-def _tiled_embedding_flops(visual, proprio, action, proprio_weight, proprio_bias, action_weight, *args,
-                           out_val=None, **kwargs) -> int:
-    return _small_gemm_flops(proprio, action, proprio_weight, action_weight)
-
-
-@register_flops(torch.ops.dinowm.tiled_embedding_backward)
-def _tiled_embedding_backward_flops(grad, proprio, action, proprio_weight, action_weight, *args, out_val=None,
-                                    **kwargs) -> int:
-    # d proprio = dpe @ Wp, d action = dae @ Wa; the dW GEMMs run as aten.mm in `_backward`, counted there
-    return _small_gemm_flops(proprio, action, proprio_weight, action_weight)
-
-
-# ----------------------------------------------------------------------------------------------
-# compile check (kernels.compile_check)
-# ----------------------------------------------------------------------------------------------
-def compile_specs():
-    """Both kernels at their shipped configuration, at the DINO-WM shapes (Dp 3, Da 45, Ep = Ea = 10)."""
-    small = _small_blocks(3, 45, 10, 10)
-    specs = []
-    for dname, ptr in (("fp16", "*fp16"), ("bf16", "*bf16"), ("fp32", "*fp32")):
-        for kname, fn, cfg, ptrs, extra in (
-            ("fwd", _tiled_embedding_fwd_kernel, FWD_CONFIG,
-             {"Visual": ptr, "FrameIndex": "*i64", "Proprio": ptr, "Action": ptr, "Wp": ptr, "Bp": ptr, "Wa": ptr,
-              "Ba": ptr, "Out": ptr}, dict(HAS_INDEX=True)),
-            ("bwd", _tiled_embedding_bwd_kernel, BWD_CONFIG,
-             {"DOut": ptr, "Wp": ptr, "Wa": ptr, "DPe": "*fp32", "DAe": "*fp32", "DProprio": ptr, "DAction": ptr},
-             {}),
-        ):
-            consts = dict(ACC_DTYPE=tl.float32, **extra, **small, **{k: v for k, v in cfg.items() if k.isupper()})
-            consts = {k: v for k, v in consts.items() if k in fn.arg_names}
-            sig = {a: "i32" for a in fn.arg_names}
-            sig.update(ptrs)
-            sig.update({c: "constexpr" for c in consts})
-            label = ",".join(f"{k}={v}" for k, v in cfg.items() if k.startswith("BLOCK"))
-            specs.append({"name": f"tiled_embedding_{kname}", "fn": fn, "signature": sig, "constexprs": consts,
-                          "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"],
-                          "config": f"{dname} {label} w{cfg['num_warps']}s{cfg['num_stages']}",
-                          "aligned": [a for a in ptrs] + [a for a in ("stride_v_f", "stride_v_p") if a in fn.arg_names]})
-    return specs
+# FLOP formulas: kernels.flops
+register_flops(torch.ops.dinowm.tiled_embedding)(tiled_embedding_flops)
+register_flops(torch.ops.dinowm.tiled_embedding_backward)(tiled_embedding_backward_flops)

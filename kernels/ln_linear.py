@@ -40,14 +40,14 @@ Limits: x, W contiguous in the last dimension (the launcher copies otherwise); d
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from .dispatch import register_flops
+from .common import dot_dtype, tl_dtypes
+from .flops import layernorm_linear_backward_flops, layernorm_linear_flops, register_flops
 
 # One fixed configuration per kernel and input precision (autotune with several configs fails without
 # a GPU driver). fp16/bf16 dots run on tensor cores (wgmma on sm_90); fp32 dots are IEEE FMA loops
@@ -375,22 +375,12 @@ def _layernorm_linear_bwd_dln_kernel(
 # ----------------------------------------------------------------------------------------------
 # launchers
 # ----------------------------------------------------------------------------------------------
-_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
-              torch.float64: tl.float64}
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def _numerics(weight_dtype: torch.dtype) -> dict:
     """ACC_DTYPE, DOT_DTYPE, INPUT_PRECISION from the weight's dtype (the GEMM dtype; x is fp32 or the same
     dtype, see `_check_inputs`); the stats dtype is ACC_DTYPE."""
     dtype = weight_dtype
     acc = tl.float64 if dtype == torch.float64 else tl.float32
-    dot = _TL_DTYPES[dtype]
-    if dtype == torch.bfloat16 and _interpreting():
-        dot = tl.float32  # interpreter bf16 arithmetic is broken (triton issue 11584)
+    dot = dot_dtype(dtype)
     return dict(ACC_DTYPE=acc, DOT_DTYPE=dot, INPUT_PRECISION="ieee")
 
 
@@ -405,8 +395,8 @@ def _check_inputs(x, ln_weight, ln_bias, weight, bias):
     """Same-dtype inputs, or the autocast mix: weight/bias fp16 or bf16 with x fp32 (or x in the weight's
     dtype) and ln_weight/ln_bias in x's dtype or fp32 -- the LayerNorm runs in fp32 from the inputs as
     given and only its output is rounded to the weight's dtype for the GEMM."""
-    if x.dtype not in _TL_DTYPES:
-        raise TypeError(f"layernorm_linear: x dtype {x.dtype} not supported; use one of {list(_TL_DTYPES)}")
+    if x.dtype not in tl_dtypes():
+        raise TypeError(f"layernorm_linear: x dtype {x.dtype} not supported; use one of {list(tl_dtypes())}")
     if x.dim() < 1 or x.shape[-1] == 0:
         raise ValueError(f"layernorm_linear: x must be (..., K) with K > 0, got {tuple(x.shape)}")
     k = x.shape[-1]
@@ -589,72 +579,6 @@ def layernorm_linear_triton(x, ln_weight, ln_bias, weight, bias, eps=1e-5):
     return _layernorm_linear_op(x, ln_weight, ln_bias, weight, bias, float(eps))[0]
 
 
-# ----------------------------------------------------------------------------------------------
-# FLOP formulas (torch.utils.flop_counter.FlopCounterMode)
-# ----------------------------------------------------------------------------------------------
-def _gemm_flops(x, weight) -> int:
-    """2 * M * K * N for x (..., K) and weight (N, K); the LayerNorm's O(M * K) work is not counted."""
-    k = x.shape[-1]
-    return 2 * (x.numel() // k) * k * weight.shape[0]
-
-
-@register_flops(torch.ops.dinowm.layernorm_linear)
-def _layernorm_linear_flops(x, ln_weight, ln_bias, weight, *args, out_val=None, **kwargs) -> int:
-    return _gemm_flops(x, weight)
-
-
-@register_flops(torch.ops.dinowm.layernorm_linear_backward)
-def _layernorm_linear_backward_flops(dy, x, ln_weight, ln_bias, weight, *args, out_val=None, **kwargs) -> int:
-    return 2 * _gemm_flops(x, weight)  # dxt = dy @ W and dW = dy^T @ xt
-
-
-# ----------------------------------------------------------------------------------------------
-# compile check (kernels.compile_check)
-# ----------------------------------------------------------------------------------------------
-def compile_specs():
-    """Every kernel at its shipped configuration for fp16 / bf16 / fp32 inputs, and for the autocast mix
-    (fp32 x, gamma, beta, dx with fp16 / bf16 W, b, y, dy, dW, db), all options on, with row strides
-    divisible by 16 (K = 384) and not (K = 404): Triton specialises on that at launch."""
-    # label -> (dtype of the x side, dtype of the W side, dot dtype, config precision)
-    fp = {"fp16": ("*fp16", "*fp16", tl.float16, torch.float16, torch.float16),
-          "bf16": ("*bf16", "*bf16", tl.bfloat16, torch.bfloat16, torch.bfloat16),
-          "fp32": ("*fp32", "*fp32", tl.float32, torch.float32, torch.float32),
-          "x32/fp16": ("*fp32", "*fp16", tl.float16, torch.float32, torch.float16),
-          "x32/bf16": ("*fp32", "*bf16", tl.bfloat16, torch.float32, torch.bfloat16)}
-    # kernel -> (fn, pointers on the x side, pointers on the W side, fp32 pointers, float scalars)
-    kernels = {
-        "fwd": (_layernorm_linear_fwd_kernel, ("X", "LnW", "LnB"), ("W", "B", "Y"), ("Mean", "Rstd"), ("eps",)),
-        "bwd_dx": (_layernorm_linear_bwd_dx_kernel, ("X", "LnW", "LnB", "DX"), ("DY", "W"),
-                   ("Mean", "Rstd", "DLnWPartial", "DLnBPartial"), ()),
-        "bwd_dw": (_layernorm_linear_bwd_dw_kernel, ("X", "LnW", "LnB"), ("DY", "DW", "DB"), ("Mean", "Rstd"), ()),
-        "bwd_dln": (_layernorm_linear_bwd_dln_kernel, ("DLnW", "DLnB"), (), ("DLnWPartial", "DLnBPartial"), ()),
-    }
-    specs = []
-    for dname, (x_ptr, w_ptr, tldt, x_dtype, w_dtype) in fp.items():
-        for kname, (fn, x_ptrs, w_ptrs, fp32_ptrs, floats) in kernels.items():
-            if kname == "bwd_dln" and x_ptr == "*fp32" and w_ptr != "*fp32":
-                continue  # touches only the x side: the same compilation as fp32
-            cfg = _config(kname, x_dtype, w_dtype)
-            consts = dict(HAS_LN_WEIGHT=True, HAS_LN_BIAS=True, HAS_BIAS=True, ACC_DTYPE=tl.float32,
-                          DOT_DTYPE=tldt, INPUT_PRECISION="ieee",
-                          **{k: v for k, v in cfg.items() if k.isupper()})
-            consts = {k: v for k, v in consts.items() if k in fn.arg_names}
-            sig = {a: "i32" for a in fn.arg_names}
-            sig.update({p: x_ptr for p in x_ptrs})
-            sig.update({p: w_ptr for p in w_ptrs})
-            sig.update({p: "*fp32" for p in fp32_ptrs})
-            sig.update({f: "fp32" for f in floats})
-            sig.update({c: "constexpr" for c in consts})
-            label = ",".join(f"{k}={v}" for k, v in cfg.items() if k.startswith("BLOCK") or k == "GROUP_M")
-            strides = [a for a in fn.arg_names if a.startswith("stride")]
-            for aligned in (True, False) if strides else (True,):
-                specs.append({
-                    "name": f"layernorm_linear_{kname}", "fn": fn, "signature": sig, "constexprs": consts,
-                    "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"],
-                    "config": f"{dname} {label} w{cfg['num_warps']}s{cfg['num_stages']} "
-                              f"{'K%16=0' if aligned else 'K=404'}",
-                    "expect_wgmma": w_dtype != torch.float32 and kname != "bwd_dln",
-                    # base pointers are 16-byte aligned (torch allocations); row strides depend on K
-                    "aligned": list(x_ptrs + w_ptrs + fp32_ptrs) + (strides if aligned else []),
-                })
-    return specs
+# FLOP formulas: kernels.flops
+register_flops(torch.ops.dinowm.layernorm_linear)(layernorm_linear_flops)
+register_flops(torch.ops.dinowm.layernorm_linear_backward)(layernorm_linear_backward_flops)

@@ -8,7 +8,7 @@ baseline. Nothing here imports triton. Shapes:
     tiled_embedding_ref         visual: (B, T, P, Dv); proprio: (B, T, Dp); action: (B, T, Da)
 
 RoPE is represented by per-token, per-element tables so that one kernel serves both conventions of
-SPEC §11: for each pair (x[2i], x[2i+1])
+docs/contract.md §11: for each pair (x[2i], x[2i+1])
 
     out[2i]   = x[2i]   * cos[2i]   - x[2i+1] * sin[2i]
     out[2i+1] = x[2i+1] * cos[2i+1] + x[2i]   * sin[2i+1]
@@ -54,7 +54,7 @@ def cond_last_order(num_frames: int, tokens_per_frame: int, cond_tokens: int = 2
 # RoPE
 # ----------------------------------------------------------------------------------------------
 def rope_axis_width(head_dim: int) -> int:
-    """Per-axis rotated width of 3-axis RoPE: 2 * floor(floor(head_dim / 3) / 2) (SPEC §11)."""
+    """Per-axis rotated width of 3-axis RoPE: 2 * floor(floor(head_dim / 3) / 2) (docs/contract.md §11)."""
     return 2 * ((head_dim // 3) // 2)
 
 
@@ -183,7 +183,7 @@ def tiled_embedding_ref(
 
     visual: (B, T, P, Dv); proprio: (B, T, Dp); action: (B, T, Da);
     proprio_weight: (Ep, Dp) (a Conv1d weight (Ep, Dp, 1) squeezed); action_weight: (Ea, Da).
-    Returns (B, T, P, Dv + Ep + Ea), the order of SPEC §4 (visual, proprio, action).
+    Returns (B, T, P, Dv + Ep + Ea), the order of docs/contract.md §4 (visual, proprio, action).
     """
     b, t, p, _ = visual.shape
     proprio_emb = F.linear(proprio, proprio_weight, proprio_bias)  # (B, T, Ep)

@@ -1,4 +1,4 @@
-"""Tiny Franka-format datasets (SPEC §1) for tests: `write_franka_dataset(root, lengths, hw)`.
+"""Tiny Franka-format datasets (docs/contract.md §1) for tests: `write_franka_dataset(root, lengths, hw)`.
 
 Values encode where they come from, so gathers can be checked exactly:
     actions[e, t, d] = 1000 e + 10 t + d / 10   (valid steps; padding rows are 1e6)

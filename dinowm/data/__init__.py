@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import DataConfig
+from .cache import FeatureCache
 from .dataset import DatasetError, FrankaDataset, is_dataset_dir, load_franka_dataset
 from .normalize import NormStats, compute_norm_stats
 from .windows import EpochBatchSampler, FrameWindows, make_loader, preprocess_images, split_episodes

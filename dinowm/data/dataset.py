@@ -1,4 +1,4 @@
-"""The Franka cube-stacking dataset on disk (SPEC §1): loading and validation.
+"""The Franka cube-stacking dataset on disk (docs/contract.md §1): loading and validation.
 
 Layout of a dataset folder:
 
@@ -28,12 +28,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from dinowm.errors import UserError
+
 STATE_DIM = 22
 ACTION_DIM = 9
 REQUIRED_FILES = ("states.pth", "actions.pth", "seq_lengths.pkl", "metadata.pkl")
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """A problem with the dataset on disk, phrased for the user: the file, what is wrong, what to do."""
 
 
@@ -90,7 +92,7 @@ def load_franka_dataset(root: str | Path, load_frames: bool = True) -> FrankaDat
     for name in REQUIRED_FILES:
         if not (root / name).is_file():
             raise DatasetError(f"{root / name}: file missing; a dataset folder needs {', '.join(REQUIRED_FILES)} "
-                               f"(SPEC §1); check data.path points at the dataset itself, not its parent")
+                               f"(docs/contract.md §1); check data.path points at the dataset itself, not its parent")
 
     states = _load_array(root / "states.pth", "states", STATE_DIM)
     actions = _load_array(root / "actions.pth", "actions", ACTION_DIM)
@@ -146,7 +148,7 @@ def _load_array(path: Path, name: str, dim: int) -> Tensor:
     x = _load_tensor(path)
     if x.dim() != 3 or x.shape[-1] != dim:
         raise DatasetError(f"{path}: {name} must have shape (N_episodes, T_max, {dim}), got {tuple(x.shape)}; "
-                           f"re-export it in the Franka format (SPEC §1)")
+                           f"re-export it in the Franka format (docs/contract.md §1)")
     if not (x.is_floating_point() or x.dtype in (torch.int32, torch.int64)):
         raise DatasetError(f"{path}: {name} must be float32, got {x.dtype}; re-export it as float32")
     if x.shape[0] < 1 or x.shape[1] < 1:

@@ -1,4 +1,4 @@
-"""Z-score statistics for actions and proprio (SPEC §2).
+"""Z-score statistics for actions and proprio (docs/contract.md §2).
 
     x_norm = (x - mean) / std        per dimension, on raw per-step values (before frameskip concatenation)
 

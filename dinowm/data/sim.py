@@ -1,4 +1,4 @@
-"""Generate simulated Franka cube-stacking data (MuJoCo) in the project's dataset format (SPEC §1).
+"""Generate simulated Franka cube-stacking data (MuJoCo) in the project's dataset format (docs/contract.md §1).
 
     python -m dinowm.data.sim --out data/sim --episodes 10 --frames 300 --seed 0      # shadows on
     python -m dinowm.data.sim --out data/demo --episodes 4 --frames 150 --no-shadows  # fast
@@ -26,7 +26,6 @@ import argparse
 import os
 import pickle
 import shutil
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +34,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from dinowm.errors import UserError, run_cli
 from dinowm.data.sim_policy import ScriptedStacker, sample_cube_poses, sample_home_qpos
 from dinowm.data.sim_scene import (
     CAMERA,
@@ -42,7 +42,6 @@ from dinowm.data.sim_scene import (
     REAL_JOINT_OFFSET,
     TIMESTEP,
     FrankaCubeScene,
-    SimSetupError,
 )
 
 GENERATOR_NAME = "dinowm.data.sim"
@@ -54,7 +53,7 @@ STATE_LAYOUT = {
 ACTION_LAYOUT = {"joint_targets": (0, 7), "finger_targets": (7, 9)}
 
 
-class DatasetExistsError(RuntimeError):
+class DatasetExistsError(UserError, RuntimeError):
     """The output folder is already taken."""
 
 
@@ -95,7 +94,7 @@ def run_episode(scene: FrankaCubeScene, seed: int, index: int, frames: int, rend
 
 
 def is_complete_dataset(root: str | Path) -> bool:
-    """All SPEC §1 files exist (the contents are validated by the dataset loader)."""
+    """All docs/contract.md §1 files exist (the contents are validated by the dataset loader)."""
     root = Path(root)
     if not all((root / name).is_file() for name in DATASET_FILES):
         return False
@@ -165,9 +164,9 @@ def generate_dataset(
     """Write a complete dataset to `out` (see the module docstring); returns its path."""
     out = Path(out)
     if episodes < 1 or frames < 1 or physics_steps_per_frame < 1:
-        raise ValueError("episodes, frames and physics_steps_per_frame must be positive")
+        raise UserError("episodes, frames and physics_steps_per_frame must be positive")
     if joint_convention not in ("real", "sim"):
-        raise ValueError(f"joint_convention must be 'real' or 'sim', got {joint_convention!r}")
+        raise UserError(f"joint_convention must be 'real' or 'sim', got {joint_convention!r}")
     if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
         what = "a complete dataset" if is_complete_dataset(out) else "not empty" if out.is_dir() else "a file"
         raise DatasetExistsError(f"{out} is {what}; pass --overwrite (overwrite=True) to replace it")
@@ -270,7 +269,7 @@ def contact_sheet(root: str | Path, png: str | Path, episodes: int = 4, columns:
     root = Path(root)
     if not is_complete_dataset(root):
         needed = ", ".join(DATASET_FILES)
-        raise FileNotFoundError(f"{root} is not a complete dataset (it needs {needed} and NNNNNN/obses.pth)")
+        raise UserError(f"{root} is not a complete dataset (it needs {needed} and NNNNNN/obses.pth)")
     with open(root / "seq_lengths.pkl", "rb") as f:
         seq_lengths = pickle.load(f)
     rows = min(episodes, len(seq_lengths))
@@ -328,11 +327,9 @@ def main(argv: list[str] | None = None) -> None:
             print(f"wrote {out}: {args.episodes} episodes x {args.frames} frames, stacked {stacked}/{args.episodes}")
         else:
             parser.error("give --out DIR, --eval-only N or --preview DIR")
-    except (SimSetupError, DatasetExistsError, FileNotFoundError, ValueError) as err:
-        sys.exit(f"error: {err}")
     except KeyboardInterrupt:
-        sys.exit("interrupted: the partial output was deleted, nothing was written to --out")
+        raise UserError("interrupted: the partial output was deleted, nothing was written to --out") from None
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

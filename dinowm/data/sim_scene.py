@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dinowm.errors import UserError
+
 PIP_SIM_HINT = 'pip install -e ".[sim]" && pip install --no-deps gymnasium-robotics==1.4.2'
 APT_EGL_HINT = "apt-get install -y libegl1 libegl-mesa0 libgl1-mesa-dri"
 APT_OSMESA_HINT = "apt-get install -y libosmesa6"
@@ -49,7 +51,7 @@ FINGER_JOINTS = ["robot:panda0_finger_joint1", "robot:panda0_finger_joint2"]
 FINGER_OPEN = 0.04  # m, per finger; 0 is closed
 
 
-class SimSetupError(RuntimeError):
+class SimSetupError(UserError, RuntimeError):
     """A missing package or system library; the message says what to install."""
 
 

@@ -1,4 +1,4 @@
-"""Episode split, sample windows, batch sampler, loader and image preprocessing (SPEC §2).
+"""Episode split, sample windows, batch sampler, loader and image preprocessing (docs/contract.md §2).
 
 A sample of episode e (T = seq_lengths[e] valid steps) starts at s, 0 <= s <= T - F * fs (stride 1),
 and takes the F = num_frames frames s, s + fs, ..., s + (F - 1) fs. The action of frame k is the

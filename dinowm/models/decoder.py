@@ -1,4 +1,4 @@
-"""VQ-VAE decoder with quantisation off (SPEC §6): DINO patch features -> image, 16x upsampling.
+"""VQ-VAE decoder with quantisation off (docs/contract.md §6): DINO patch features -> image, 16x upsampling.
 
     z: (N, 384, g, g)
     upsample_b: Conv3x3(384->384), 4 ResBlocks, ReLU, ConvT(384->192, k4 s2 p1), ReLU, ConvT(192->384, k4 s2 p1)
@@ -7,7 +7,7 @@
                 -> (N, 3, 16g, 16g)            (224 for g = 14, 256 for g = 16); no output activation
     ResBlock(x) = x + Conv1x1(128->384)(ReLU(Conv3x3(384->128)(ReLU(x))))
 
-Key layout of the original (SPEC §10): `upsample_b.blocks.{0, 1..4 (.conv.1, .conv.3), 6, 8}`, the
+Key layout of the original (docs/contract.md §10): `upsample_b.blocks.{0, 1..4 (.conv.1, .conv.3), 6, 8}`, the
 same under `dec.blocks`, and the codebook buffers `quantize_b.{embed, cluster_size, embed_avg}`, which
 exist only so original checkpoints load; they are never used (quantisation is off).
 """

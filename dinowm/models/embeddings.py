@@ -1,4 +1,4 @@
-"""Proprio and action embeddings (SPEC §4): a per-timestep linear layer written as Conv1d(k=1).
+"""Proprio and action embeddings (docs/contract.md §4): a per-timestep linear layer written as Conv1d(k=1).
 
 The Conv1d form keeps the original parameter names and shapes (`patch_embed.weight (emb, in, 1)`,
 `patch_embed.bias (emb,)`) so original checkpoints load directly. PyTorch default init.

@@ -1,6 +1,6 @@
 """DINOv2 ViT-S/14 image encoder (frozen), our own definition with the official parameter names.
 
-Architecture (SPEC §3, official `dinov2_vits14`): patch 14, width 384, depth 12, 6 heads, MLP 1536
+Architecture (docs/contract.md §3, official `dinov2_vits14`): patch 14, width 384, depth 12, 6 heads, MLP 1536
 (exact GELU), qkv with bias, LayerScale on both residual branches (`ls1.gamma`, `ls2.gamma`),
 pre-norm, LayerNorm eps 1e-6, a cls token, no register tokens, a final `norm`.
 
@@ -11,7 +11,7 @@ pre-norm, LayerNorm eps 1e-6, a cls token, no register tokens, a final `norm`.
       -> 12 blocks: x = x + ls1(attn(norm1(x))); x = x + ls2(mlp(norm2(x)))
       -> norm(x)[:, 1:]  = x_norm_patchtokens  (B, g*g, 384), patches row-major
 
-compat (SPEC §3): the positional embedding is interpolated exactly as the official code does, with
+compat (docs/contract.md §3): the positional embedding is interpolated exactly as the official code does, with
 `scale_factor = (g + 0.1) / 37` instead of `size = g` (the two differ noticeably).
 
 The encoder is frozen (requires_grad False) and deterministic, so its output per frame may be cached.
@@ -133,7 +133,7 @@ class DinoV2Encoder(nn.Module):
         self.image_size = image_size
         self.grid = image_size // PATCH_SIZE
         self.num_patches = self.grid * self.grid
-        # parameter names and shapes are those of the official checkpoint (SPEC §3)
+        # parameter names and shapes are those of the official checkpoint (docs/contract.md §3)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, WIDTH))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + OFFICIAL_GRID * OFFICIAL_GRID, WIDTH))
         self.mask_token = nn.Parameter(torch.zeros(1, WIDTH))  # unused (masked-image training only)

@@ -1,4 +1,4 @@
-"""DINO-WM predictor (`ViTPredictor`, SPEC §5): a pre-norm ViT over a frame-major token sequence
+"""DINO-WM predictor (`ViTPredictor`, docs/contract.md §5): a pre-norm ViT over a frame-major token sequence
 with a frame-block-causal mask.
 
     x: (B, F*P, dim), F <= num_frames frames of P = num_patches tokens each, frame-major
@@ -15,7 +15,7 @@ Kernels: LN -> Linear pairs go through `kernels.layernorm_linear`, attention thr
 `kernels.block_causal_attention` (attention-probability dropout inside). Backends are options; the
 fp32 "reference model" of parity tests is this model with backend "reference".
 
-State-dict keys are exactly those of the original (SPEC §10): `pos_embedding`,
+State-dict keys are exactly those of the original (docs/contract.md §10): `pos_embedding`,
 `transformer.layers.{i}.0.{norm, to_qkv, to_out.0}`, `transformer.layers.{i}.1.net.{0 (LN), 1, 4}`,
 `transformer.norm`; an original checkpoint loads with `load_state_dict` directly.
 Parameters at 196 patches, 3 frames, dim 404 (defaults): 20,122,600.

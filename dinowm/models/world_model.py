@@ -1,4 +1,4 @@
-"""The DINO world model (SPEC §4, §7, §8): frozen DINOv2 encoder, proprio/action embeddings, the
+"""The DINO world model (docs/contract.md §4, §7, §8): frozen DINOv2 encoder, proprio/action embeddings, the
 ViT predictor and the VQ-VAE decoder.
 
 Latents (concat_dim = 1, default): every patch token of frame t is [visual 384 | proprio Ep | action Ea]
@@ -6,7 +6,7 @@ Latents (concat_dim = 1, default): every patch token of frame t is [visual 384 |
 Latents (concat_dim = 0): the embeddings are two extra tokens per frame (Ep = Ea = 384)
     z: (B, T, P + 2, 384)                 tokens [patches..., proprio, action]
 
-Training sample of T = num_hist + num_pred frames (SPEC §7):
+Training sample of T = num_hist + num_pred frames (docs/contract.md §7):
     z_src = z[:, :num_hist];  z_tgt = z[:, num_pred:]
     z_pred = predictor(z_src)
     z_loss = MSE(z_pred without action part, z_tgt without action part (detached))
@@ -113,7 +113,7 @@ class VWorldModel(nn.Module):
         return images.unflatten(0, (b, t))  # (B, T, 3, S, S)
 
     # ------------------------------------------------------------------------------------------
-    # training forward (SPEC §7)
+    # training forward (docs/contract.md §7)
     # ------------------------------------------------------------------------------------------
     def forward(self, obs: torch.Tensor, proprio: torch.Tensor, action: torch.Tensor,
                 visual: torch.Tensor | None = None, decode_prediction: bool = False) -> dict:
@@ -145,7 +145,7 @@ class VWorldModel(nn.Module):
         out["decoder_recon_loss"] = F.mse_loss(recon, obs)
         out["loss"] = out["z_loss"] + out["decoder_recon_loss"]  # 0-dim
         out["recon"] = recon.detach()  # for logging; the loss above keeps the graph
-        if decode_prediction:  # logging/validation only (SPEC §7): not trained on
+        if decode_prediction:  # logging/validation only (docs/contract.md §7): not trained on
             with torch.no_grad():
                 pred_image = self.decode(z_pred.detach(), size)  # (B, num_hist, 3, S, S)
                 out["decoder_pred_loss"] = F.mse_loss(pred_image, obs[:, self.num_pred:])
@@ -153,7 +153,7 @@ class VWorldModel(nn.Module):
         return out
 
     # ------------------------------------------------------------------------------------------
-    # open-loop rollout (SPEC §8)
+    # open-loop rollout (docs/contract.md §8)
     # ------------------------------------------------------------------------------------------
     @torch.no_grad()
     def rollout(self, obs0: torch.Tensor, proprio0: torch.Tensor, actions: torch.Tensor,
@@ -177,7 +177,7 @@ class VWorldModel(nn.Module):
         return {"z": z}
 
     def parameter_groups(self) -> dict:
-        """Trainable parameters by optimiser group (SPEC §9); the frozen encoder is excluded."""
+        """Trainable parameters by optimiser group (docs/contract.md §9); the frozen encoder is excluded."""
         return {
             "predictor": [p for p in self.predictor.parameters() if p.requires_grad],
             "embeddings": [p for m in (self.action_encoder, self.proprio_encoder) for p in m.parameters()

@@ -1,4 +1,4 @@
-"""Loading and validation of the Franka dataset format (SPEC §1), and build_data."""
+"""Loading and validation of the Franka dataset format (docs/contract.md §1), and build_data."""
 from __future__ import annotations
 
 import pickle

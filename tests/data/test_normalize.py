@@ -1,4 +1,4 @@
-"""Normalisation statistics (SPEC §2) against numpy, over valid steps only, both modes."""
+"""Normalisation statistics (docs/contract.md §2) against numpy, over valid steps only, both modes."""
 from __future__ import annotations
 
 import io

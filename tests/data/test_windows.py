@@ -1,4 +1,4 @@
-"""Split, sample windows, batch sampler, loader and image preprocessing (SPEC §2).
+"""Split, sample windows, batch sampler, loader and image preprocessing (docs/contract.md §2).
 
 The fixture datasets encode their origin in the values (see conftest.py):
     actions[e, t, d] = 1000 e + 10 t + d / 10,   states[e, t, d] = 1000 e + 10 t + d / 100,

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from kernels import attention, dispatch, reference
+from kernels import attention, compile_specs, dispatch, reference
 from kernels.attention import AttentionConfig
 
 from _parity import assert_parity
@@ -292,7 +292,7 @@ def test_flex_refuses_grad_on_cpu():
 # compile specs (compiled for sm_80/sm_90 by `python -m kernels.compile_check`)
 # ----------------------------------------------------------------------------------------------
 def test_compile_specs_are_complete():
-    specs = attention.compile_specs()
+    specs = compile_specs.attention_specs()
     names = {spec["name"] for spec in specs}
     assert names == {"attn_fwd", "attn_bwd_dkdv", "attn_bwd_dq", "rope"}
     configs = {spec["config"] for spec in specs if spec["name"] == "attn_fwd"}

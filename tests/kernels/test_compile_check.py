@@ -3,7 +3,6 @@
 The check itself runs in a subprocess: under TRITON_INTERPRET=1 (set by tests/conftest.py)
 `@triton.jit` returns interpreted functions that cannot be compiled.
 """
-import importlib
 import json
 import os
 import subprocess
@@ -14,6 +13,7 @@ import triton
 import triton.language as tl
 
 from kernels import compile_check
+from kernels.compile_specs import SPECS
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -36,7 +36,7 @@ def test_own_kernels_compile_without_spills():
     print(result.stdout)
     assert result.returncode == 0, result.stdout + result.stderr
     rows = [line for line in result.stdout.splitlines() if line.startswith(("layernorm_linear", "tiled_embedding"))]
-    specs = [importlib.import_module(m).compile_specs() for m in ("kernels.ln_linear", "kernels.embedding")]
+    specs = [SPECS[m]() for m in ("kernels.ln_linear", "kernels.embedding")]
     assert len(rows) == 2 * sum(map(len, specs)), "every kernel x config x target"
     # the fp16/bf16 GEMMs of the fused LayerNorm -> Linear use wgmma on sm_90
     gemms = [r for r in rows if "sm_90" in r and "bwd_dln" not in r and r.startswith("layernorm_linear")
@@ -44,10 +44,24 @@ def test_own_kernels_compile_without_spills():
     assert gemms and all(" yes " in r for r in gemms), "\n".join(gemms)
 
 
-def test_missing_module_is_skipped_not_failed():
+def test_module_without_specs_fails():
     result = run_check("--modules", "kernels.no_such_kernel_module", "--targets", "90")
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "skipped kernels.no_such_kernel_module: module does not exist yet" in result.stdout
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "FAILED  kernels.no_such_kernel_module: no compile specs" in result.stdout
+
+
+def test_kernel_module_that_does_not_import_fails(monkeypatch):
+    def broken():
+        raise ModuleNotFoundError("No module named 'kernels.attention'")
+
+    monkeypatch.setitem(SPECS, "kernels.attention", broken)
+    specs, failed = compile_check.collect_specs(["kernels.attention"])
+    assert specs == [] and len(failed) == 1 and "kernels.attention: import failed" in failed[0]
+
+
+def test_every_triton_module_has_specs():
+    triton_modules = {f"kernels.{p.stem}" for p in (ROOT / "kernels").glob("*.py") if "\n@triton.jit\n" in p.read_text()}
+    assert triton_modules == set(SPECS)
 
 
 def test_refuses_to_run_under_the_interpreter():
@@ -63,6 +77,7 @@ COMPILE_COPY_KERNEL = """
 import json, triton
 import test_compile_check
 from kernels import compile_check
+from kernels.compile_specs import SPECS
 fn = triton.runtime.jit.JITFunction(test_compile_check._copy)
 spec = {"name": "copy", "fn": fn, "signature": {"X": "*fp32", "Y": "*fp32", "N": "i32", "BLOCK": "constexpr"},
         "constexprs": {"BLOCK": 256}, "expect_wgmma": True}

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from kernels import attention, dispatch, embedding, reference
+from kernels import attention, dispatch, embedding, flops, reference
 from kernels import ln_linear as lnl
 
 
@@ -83,8 +83,8 @@ FRAMES = {  # name -> frame ids (N,)
 @pytest.mark.parametrize("frames", FRAMES, ids=list(FRAMES))
 def test_allowed_pairs(frames):
     frame_ids = FRAMES[frames]
-    assert attention.allowed_pairs(frame_ids) == brute_force_allowed(frame_ids)
-    assert attention.allowed_pairs(frame_ids.to(torch.int32)) == brute_force_allowed(frame_ids)
+    assert flops.allowed_pairs(frame_ids) == brute_force_allowed(frame_ids)
+    assert flops.allowed_pairs(frame_ids.to(torch.int32)) == brute_force_allowed(frame_ids)
 
 
 @pytest.mark.parametrize("frames", FRAMES, ids=list(FRAMES))
@@ -144,14 +144,14 @@ def test_formula_reaches_a_running_counter():
         return torch.empty_like(x)
 
     with FlopCounterMode(display=False) as counter:
-        dispatch.register_flops(torch.ops.dinowm_test.scaled_copy)(lambda x, *a, out_val=None, **kw: 7 * x.numel())
+        flops.register_flops(torch.ops.dinowm_test.scaled_copy)(lambda x, *a, out_val=None, **kw: 7 * x.numel())
         scaled_copy(torch.randn(3, 4))
     assert counter.get_total_flops() == 7 * 12
 
 
 def test_allowed_pairs_without_values():
     """Fake or meta frame ids (tracing): the dense N * N."""
-    assert attention.allowed_pairs(torch.empty(9, dtype=torch.int32, device="meta")) == 81
+    assert flops.allowed_pairs(torch.empty(9, dtype=torch.int32, device="meta")) == 81
 
 
 def test_lazy_import_inside_the_counted_step():

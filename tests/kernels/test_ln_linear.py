@@ -10,6 +10,7 @@ from _parity import assert_parity
 from kernels.reference import layernorm_linear_ref
 
 from kernels import ln_linear as lnl
+from kernels.common import interpreting
 
 NAMES = ("y", "dx", "dgamma", "dbeta", "dW", "db")
 
@@ -199,7 +200,7 @@ def test_non_contiguous_input():
 def test_bf16_under_the_interpreter():
     """bf16 arithmetic is broken in the interpreter: the launcher runs the dots in fp32 there and every
     load is upcast at once, so the CPU path still matches (the tensor-core bf16 path is GPU-only)."""
-    if not lnl._interpreting():
+    if not interpreting():
         pytest.skip("interpreter-only path")
     check_all(make_inputs((21,), 404, 40, torch.bfloat16), 1e-5, torch.bfloat16)
 

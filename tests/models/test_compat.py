@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 from dinowm.compat import CompatError, _infer, import_dino_wm_checkpoint, main
+from dinowm.errors import run_cli
 from dinowm.models.decoder import VQVAEDecoder
 from dinowm.models.embeddings import ProprioceptiveEmbedding
 from dinowm.models.predictor import ViTPredictor
@@ -17,7 +18,7 @@ NUM_PATCHES, NUM_FRAMES, DIM = 4, 3, 404
 
 
 def _original_classes() -> dict:
-    """Stand-ins of the original classes with the key layout of SPEC §10 (our own code, same structure)."""
+    """Stand-ins of the original classes with the key layout of docs/contract.md §10 (our own code, same structure)."""
 
     class Attention(nn.Module):
         def __init__(self, dim, heads, dim_head, dropout):
@@ -230,7 +231,9 @@ def test_errors_name_the_file(original, tmp_path, capsys):
     assert "pwned" not in capsys.readouterr().out
     with pytest.raises(CompatError, match=r"missing\.pth: no such file"):
         import_dino_wm_checkpoint(tmp_path / "missing.pth")
-    assert main(["import-dino-wm", str(bad), "--out", str(tmp_path / "x.pt")]) == 2
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(main, ["import-dino-wm", str(bad), "--out", str(tmp_path / "x.pt")])
+    assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "not_a_ckpt.pth" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "x.pt").exists()

@@ -10,7 +10,7 @@ from dinowm.models.encoder import DinoV2Encoder, build_encoder, interpolate_pos_
 
 
 def official_state_dict() -> dict:
-    """A random state dict with the key names and shapes of dinov2_vits14_pretrain.pth (SPEC §3)."""
+    """A random state dict with the key names and shapes of dinov2_vits14_pretrain.pth (docs/contract.md §3)."""
     g = torch.Generator().manual_seed(1)
 
     def r(*shape, std=0.02):

@@ -1,4 +1,4 @@
-"""VWorldModel: forward/loss contract of SPEC §7, gradient isolation, rollout (SPEC §8), build_world_model."""
+"""VWorldModel: forward/loss contract of docs/contract.md §7, gradient isolation, rollout (docs/contract.md §8), build_world_model."""
 import warnings
 
 import pytest

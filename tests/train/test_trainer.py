@@ -6,8 +6,10 @@ import signal
 import pytest
 import torch
 
-import train
-from dinowm.checkpoint import load_checkpoint
+from dinowm.checkpoint import CheckpointError, load_checkpoint
+from dinowm.cli import train
+from dinowm.config import ConfigError
+from dinowm.data import DatasetError
 from franka_fixtures import write_franka_dataset
 
 TINY = [
@@ -25,7 +27,7 @@ def dataset(tmp_path):
 
 
 def run(dataset, out, *extra):
-    return train.main(["--config", "demo.toml", "--data.path", str(dataset), "--data.demo_episodes", "0",
+    return train(["--config", "demo.toml", "--data.path", str(dataset), "--data.demo_episodes", "0",
                        "--out", str(out), *TINY, *extra])
 
 
@@ -60,7 +62,7 @@ def test_cli_smoke_run_writes_everything(dataset, tmp_path):
 def test_encoder_is_frozen_and_everything_else_learns(dataset, tmp_path):
     run(dataset, tmp_path / "a", "--training.max_steps", "1", "--training.feature_cache", "false")
     before = load_checkpoint(tmp_path / "a")["model"]
-    train.main(["--resume", str(tmp_path / "a"), "--training.max_steps", "3"])
+    train(["--resume", str(tmp_path / "a"), "--training.max_steps", "3"])
     after = load_checkpoint(tmp_path / "a")["model"]
     for key in before:
         changed = not torch.equal(before[key], after[key])
@@ -95,12 +97,12 @@ def test_resume_continues_exactly(dataset, tmp_path, monkeypatch):
     assert load_checkpoint(tmp_path / "cut")["batch_in_epoch"] == 7
     interrupt_at(monkeypatch, steps_per_epoch)
     with pytest.raises(SystemExit):
-        train.main(["--resume", str(tmp_path / "cut"), "--training.max_steps", "16"])
+        train(["--resume", str(tmp_path / "cut"), "--training.max_steps", "16"])
     ckpt = load_checkpoint(tmp_path / "cut")
     assert (ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]) == (12, 1, 0)  # the epoch was finished first
     assert (tmp_path / "cut" / "checkpoints" / "model_1.pt").exists()
     monkeypatch.undo()
-    train.main(["--resume", str(tmp_path / "cut"), "--training.max_steps", "16"])
+    train(["--resume", str(tmp_path / "cut"), "--training.max_steps", "16"])
     full, cut = train_losses(tmp_path / "full"), train_losses(tmp_path / "cut")
     assert sorted(full) == sorted(cut) == list(range(1, 17))
     assert all(full[s] == cut[s] for s in full), (full, cut)
@@ -143,23 +145,23 @@ def test_init_from_weights_only_checkpoint(dataset, tmp_path):
     weights = {k: v for k, v in load_checkpoint(tmp_path / "a")["model"].items() if not k.startswith("encoder.")}
     converted = tmp_path / "converted.pt"
     torch.save({"format": "dinowm/1", "model": weights}, converted)  # what the importer writes
-    with pytest.raises(SystemExit, match="--init-from"):
-        train.main(["--resume", str(converted)])
+    with pytest.raises(CheckpointError, match="--init-from"):
+        train(["--resume", str(converted)])
     cfg = load_config("demo.toml", ["--data.path", str(dataset), "--data.demo_episodes", "0", *TINY])
     trainer = Trainer(cfg, tmp_path / "b", init_weights=load_checkpoint(converted)["model"])
     state = trainer.model.state_dict()
     assert all(torch.equal(state[k], v) for k, v in weights.items())
-    train.main(["--config", "demo.toml", "--data.path", str(dataset), "--data.demo_episodes", "0",
+    train(["--config", "demo.toml", "--data.path", str(dataset), "--data.demo_episodes", "0",
                 "--out", str(tmp_path / "c"), "--init-from", str(converted), "--training.max_steps", "1", *TINY])
     assert load_checkpoint(tmp_path / "c")["step"] == 1
 
 
 def test_resume_refuses_to_change_what_defines_the_run(dataset, tmp_path):
     run(dataset, tmp_path / "a", "--training.max_steps", "1")
-    with pytest.raises(SystemExit, match="training.batch_size cannot change"):
-        train.main(["--resume", str(tmp_path / "a"), "--training.batch_size", "2"])
-    with pytest.raises(SystemExit, match="model.predictor_depth cannot change"):
-        train.main(["--resume", str(tmp_path / "a"), "--model.predictor_depth", "2"])
+    with pytest.raises(ConfigError, match="training.batch_size cannot change"):
+        train(["--resume", str(tmp_path / "a"), "--training.batch_size", "2"])
+    with pytest.raises(ConfigError, match="model.predictor_depth cannot change"):
+        train(["--resume", str(tmp_path / "a"), "--model.predictor_depth", "2"])
 
 
 def test_written_config_loads_back_with_awkward_strings(dataset, tmp_path):
@@ -181,10 +183,10 @@ def test_ctrl_c_saves_a_checkpoint_before_exiting(dataset, tmp_path, monkeypatch
 
 
 def test_resume_rejects_a_second_config(dataset, tmp_path):
-    with pytest.raises(SystemExit, match="--resume continues a run"):
-        train.main(["--resume", str(tmp_path), "--config", "demo.toml"])
+    with pytest.raises(ConfigError, match="--resume continues a run"):
+        train(["--resume", str(tmp_path), "--config", "demo.toml"])
 
 
 def test_missing_data_path_is_one_clear_error(tmp_path):
-    with pytest.raises(Exception, match="data.path"):
-        train.main(["--config", "franka.toml", "--out", str(tmp_path / "run")])
+    with pytest.raises(DatasetError, match="data.path"):
+        train(["--config", "franka.toml", "--out", str(tmp_path / "run")])

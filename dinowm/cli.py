@@ -1,0 +1,94 @@
+"""Train a DINO world model (`python train.py ...`, or the `dinowm-train` console script).
+
+    python train.py --config demo.toml                       # simulated Franka demo, 2 CPU cores, ~10 min
+    python train.py --config franka.toml --data.path /data/my_dset --model.encoder_weights dinov2_vits14_pretrain.pth
+    python train.py --config franka.toml --training.batch_size 8 --training.dtype bf16 --out runs/bs8
+    python train.py --resume runs/bs8 [--training.max_steps 1000]   # continue exactly where it stopped
+    python train.py --config franka.toml --init-from converted.pt   # start from imported original weights
+
+A bare config name is looked up in configs/. Any value can be overridden with --section.key value
+(see README "Configuration"). Without --out the run folder is outputs/<date>/<time>/.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+from dinowm.checkpoint import check_resumable, load_checkpoint
+from dinowm.config import Config, ConfigError, apply_values, config_from_dict, load_config, parse_overrides
+from dinowm.errors import run_cli
+from dinowm.trainer import Trainer
+
+
+def write_config(cfg: Config, path: Path) -> None:
+    lines = []
+    for section, values in cfg.to_dict().items():
+        lines.append(f"[{section}]")
+        for key, value in values.items():
+            text = repr(value).lower() if isinstance(value, bool) else json.dumps(value)  # JSON strings are TOML strings
+            lines.append(f"{key} = {text}")
+        lines.append("")
+    path.write_text("\n".join(lines))
+
+
+# Settings a resumed run may change; the rest define the run (model, data, samples per batch) and may not.
+RESUME_MAY_CHANGE = {"data.path", "data.num_workers", "data.demo_episodes", "data.demo_frames",
+                     "training.epochs", "training.max_steps", "training.device", "training.compile"}
+
+
+def check_resume_changes(saved: Config, new: Config) -> None:
+    for section in ("data", "model", "training"):
+        old_values, new_values = getattr(saved, section).__dict__, getattr(new, section).__dict__
+        for key, value in new_values.items():
+            if value != old_values[key] and f"{section}.{key}" not in RESUME_MAY_CHANGE:
+                raise ConfigError(f"--resume: {section}.{key} cannot change from {old_values[key]!r} to {value!r} "
+                                  f"in a resumed run (start a new run, or --init-from its checkpoint)")
+
+
+def train(argv: list[str]) -> dict:
+    """The command line of train.py -> the last logged metrics. User errors raise UserError subclasses."""
+    parser = argparse.ArgumentParser(prog="train.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="TOML file, or a name in configs/ (e.g. franka.toml)")
+    parser.add_argument("--out", help="run folder (default outputs/<date>/<time>)")
+    parser.add_argument("--resume", help="run folder (or checkpoint file) to continue from")
+    parser.add_argument("--init-from", help="start a new run from the model weights of this checkpoint "
+                                            "(e.g. one converted with `python -m dinowm.compat import-dino-wm`)")
+    args, rest = parser.parse_known_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    checkpoint = None
+    if args.resume:
+        if args.config:
+            raise ConfigError("--resume continues a run with its saved config; change values with --section.key value instead of --config")
+        if args.init_from:
+            raise ConfigError("--resume and --init-from exclude each other: --resume continues a run, "
+                              "--init-from starts a new one from given weights")
+        checkpoint = load_checkpoint(args.resume)
+        check_resumable(checkpoint, args.resume)
+        cfg = config_from_dict(checkpoint["config"])
+        apply_values(cfg, parse_overrides(rest), "command line")
+        cfg.validate()
+        check_resume_changes(config_from_dict(checkpoint["config"]), cfg)
+        resume_dir = Path(args.resume)
+        run_dir = Path(args.out) if args.out else (resume_dir if resume_dir.is_dir() else resume_dir.parent.parent)
+    else:
+        if not args.config:
+            raise ConfigError("give --config FILE (e.g. --config demo.toml) or --resume RUN_DIR")
+        cfg = load_config(args.config, rest)
+        run_dir = Path(args.out) if args.out else Path("outputs") / time.strftime("%Y-%m-%d") / time.strftime("%H-%M-%S")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_config(cfg, run_dir / "config.toml")
+    logging.getLogger().addHandler(logging.FileHandler(run_dir / "train.log"))
+    logging.getLogger("dinowm").info("run folder: %s", run_dir)
+    init_weights = None
+    if args.init_from:
+        init_weights = load_checkpoint(args.init_from)["model"]
+    return Trainer(cfg, run_dir, checkpoint, init_weights=init_weights).fit()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of train.py and the `dinowm-train` console script: user errors are one line, exit 2."""
+    run_cli(train, argv)
