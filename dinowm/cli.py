@@ -19,7 +19,8 @@ from pathlib import Path
 
 from dinowm.checkpoint import check_resumable, load_checkpoint
 from dinowm.config import Config, ConfigError, apply_values, config_from_dict, load_config, parse_overrides
-from dinowm.errors import run_cli
+from dinowm.data import is_dataset_dir
+from dinowm.errors import UserError, one_line, run_cli
 from dinowm.trainer import Trainer
 
 
@@ -48,6 +49,17 @@ def check_resume_changes(saved: Config, new: Config) -> None:
                                   f"in a resumed run (start a new run, or --init-from its checkpoint)")
 
 
+def check_demo_path(cfg: Config, overrides: dict) -> None:
+    """A mistyped --data.path with a demo config (data.demo_episodes > 0) must not quietly generate a
+    fresh demo dataset there and train on it: a command-line data.path that holds no dataset generates
+    one only when --data.demo_episodes is given as well."""
+    data = overrides.get("data", {})
+    if cfg.data.demo_episodes > 0 and "path" in data and "demo_episodes" not in data \
+            and not is_dataset_dir(Path(cfg.data.path).expanduser()):
+        raise ConfigError(f"--data.path {cfg.data.path}: no dataset there (no states.pth); check the path. To "
+                          f"generate a demo dataset at that path, add --data.demo_episodes {cfg.data.demo_episodes}")
+
+
 def train(argv: list[str]) -> dict:
     """The command line of train.py -> the last logged metrics. User errors raise UserError subclasses."""
     parser = argparse.ArgumentParser(prog="train.py", description=__doc__,
@@ -69,7 +81,8 @@ def train(argv: list[str]) -> dict:
         checkpoint = load_checkpoint(args.resume)
         check_resumable(checkpoint, args.resume)
         cfg = config_from_dict(checkpoint["config"])
-        apply_values(cfg, parse_overrides(rest), "command line")
+        overrides = parse_overrides(rest)
+        apply_values(cfg, overrides, "command line")
         cfg.validate()
         check_resume_changes(config_from_dict(checkpoint["config"]), cfg)
         resume_dir = Path(args.resume)
@@ -77,16 +90,30 @@ def train(argv: list[str]) -> dict:
     else:
         if not args.config:
             raise ConfigError("give --config FILE (e.g. --config demo.toml) or --resume RUN_DIR")
-        cfg = load_config(args.config, rest)
+        overrides = parse_overrides(rest)
+        cfg = load_config(args.config, overrides)
         run_dir = Path(args.out) if args.out else Path("outputs") / time.strftime("%Y-%m-%d") / time.strftime("%H-%M-%S")
+    check_demo_path(cfg, overrides)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_config(cfg, run_dir / "config.toml")
-    logging.getLogger().addHandler(logging.FileHandler(run_dir / "train.log"))
-    logging.getLogger("dinowm").info("run folder: %s", run_dir)
-    init_weights = None
-    if args.init_from:
-        init_weights = load_checkpoint(args.init_from)["model"]
-    return Trainer(cfg, run_dir, checkpoint, init_weights=init_weights).fit()
+    log_file = logging.FileHandler(run_dir / "train.log")
+    root = logging.getLogger()
+    root.addHandler(log_file)
+    logging.captureWarnings(True)  # warnings (e.g. episodes too short for a sample) reach train.log too
+    try:
+        logging.getLogger("dinowm").info("run folder: %s", run_dir)
+        init_weights = None
+        if args.init_from:
+            init_weights = load_checkpoint(args.init_from)["model"]
+        return Trainer(cfg, run_dir, checkpoint, init_weights=init_weights).fit()
+    except (UserError, OSError) as e:  # the run folder keeps the reason; run_cli prints it
+        log_file.handle(logging.makeLogRecord({"name": "dinowm", "levelno": logging.ERROR, "levelname": "ERROR",
+                                               "msg": "error: %s", "args": (one_line(e),)}))
+        raise
+    finally:
+        logging.captureWarnings(False)
+        root.removeHandler(log_file)
+        log_file.close()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -173,8 +173,19 @@ def _pickle_module(allowed=()) -> types.ModuleType:
     """A pickle module for torch.load(pickle_module=...) whose Unpickler is the restricted one."""
     module = types.ModuleType("dinowm_restricted_pickle")
     module.Unpickler = type("Unpickler", (_RestrictedUnpickler,), {"allowed": tuple(allowed)})
-    module.load = pickle.load  # legacy format only: magic number and headers
+    module.load = _load_header  # legacy (non-zip) format: magic number, protocol version, sys info
     return module
+
+
+class _HeaderUnpickler(pickle.Unpickler):
+    """The legacy format's header records are plain values: no global is ever needed."""
+
+    def find_class(self, module: str, name: str):
+        raise _UnknownClass(f"{module}.{name}")
+
+
+def _load_header(f, **kwargs):
+    return _HeaderUnpickler(f, **kwargs).load()
 
 
 def _is_module(obj) -> bool:

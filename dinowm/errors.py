@@ -24,7 +24,6 @@ errors too: they are printed as one line naming the file.
 from __future__ import annotations
 
 import errno
-import logging
 import sys
 from collections.abc import Callable
 
@@ -62,11 +61,13 @@ def run_cli(main: Callable[[list[str]], object], argv: list[str] | None = None) 
     sys.exit(result if isinstance(result, int) else 0)
 
 
+def one_line(exc: BaseException) -> str:
+    """The message `run_cli` prints for a user error (OSErrors described by `describe_os_error`)."""
+    text = describe_os_error(exc) if isinstance(exc, OSError) else str(exc)
+    return " ".join(text.split())
+
+
 def _fail(message: str) -> None:
     message = " ".join(message.split())  # one line, whatever the message held
     print(f"error: {message}", file=sys.stderr)
-    record = logging.LogRecord("dinowm", logging.ERROR, __file__, 0, "error: %s", (message,), None)
-    for handler in logging.getLogger().handlers:  # a run's train.log keeps the reason too
-        if isinstance(handler, logging.FileHandler):
-            handler.handle(record)
     sys.exit(EXIT_USER_ERROR)

@@ -26,6 +26,7 @@ from dinowm.checkpoint import (
     CheckpointError,
     atomic_save,
     capture_rng_state,
+    remove_stale_temp_files,
     restore_rng_state,
 )
 from dinowm.config import Config, ConfigError
@@ -92,6 +93,8 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        for stale in remove_stale_temp_files(self.run_dir / "checkpoints"):
+            log.warning("removed %s, left by an interrupted checkpoint write", stale)
         t = cfg.training
         torch.manual_seed(t.seed)
         self.device = pick_device(t.device)

@@ -20,7 +20,6 @@ length depends on num_frames and frameskip): `FrameWindows` warns about and coun
 from __future__ import annotations
 
 import numbers
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +28,7 @@ import torch
 from torch import Tensor
 
 from dinowm.errors import UserError
+from dinowm.safe_pickle import RefusedPickle, load_pickle
 
 STATE_DIM = 22
 ACTION_DIM = 9
@@ -137,8 +137,9 @@ def _load_tensor(path: Path):
 
 def _load_pickle(path: Path):
     try:
-        with open(path, "rb") as f:
-            return pickle.load(f)
+        return load_pickle(path)
+    except RefusedPickle as e:
+        raise DatasetError(str(e)) from None
     except Exception as e:
         raise DatasetError(f"{path}: cannot be read as a pickle ({type(e).__name__}: {_first_line(e)}); "
                            f"the file is corrupt or not written with pickle.dump: re-export it") from None

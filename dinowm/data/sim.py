@@ -35,6 +35,7 @@ import torch
 from tqdm import tqdm
 
 from dinowm.errors import UserError, run_cli
+from dinowm.safe_pickle import load_pickle
 from dinowm.data.sim_policy import ScriptedStacker, sample_cube_poses, sample_home_qpos
 from dinowm.data.sim_scene import (
     CAMERA,
@@ -99,16 +100,14 @@ def is_complete_dataset(root: str | Path) -> bool:
     if not all((root / name).is_file() for name in DATASET_FILES):
         return False
     try:
-        with open(root / "seq_lengths.pkl", "rb") as f:
-            episodes = len(pickle.load(f))
+        episodes = len(load_pickle(root / "seq_lengths.pkl"))
     except Exception:
         return False
     return all((root / f"{i:06d}" / "obses.pth").is_file() for i in range(episodes))
 
 
 def read_metadata(root: str | Path) -> dict:
-    with open(Path(root) / "metadata.pkl", "rb") as f:
-        return pickle.load(f)
+    return load_pickle(Path(root) / "metadata.pkl")
 
 
 def _metadata(generation: dict, episodes: list[Episode], physics_steps_per_frame: int, mujoco_version: str) -> dict:
@@ -270,8 +269,7 @@ def contact_sheet(root: str | Path, png: str | Path, episodes: int = 4, columns:
     if not is_complete_dataset(root):
         needed = ", ".join(DATASET_FILES)
         raise UserError(f"{root} is not a complete dataset (it needs {needed} and NNNNNN/obses.pth)")
-    with open(root / "seq_lengths.pkl", "rb") as f:
-        seq_lengths = pickle.load(f)
+    seq_lengths = load_pickle(root / "seq_lengths.pkl")
     rows = min(episodes, len(seq_lengths))
     size = IMAGE_SIZE
     sheet = Image.new("RGB", (columns * (size + gap) - gap, rows * (size + gap) - gap), "white")

@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 from dinowm.compat import CompatError, _infer, import_dino_wm_checkpoint, main
+from crafted import Marker, write_raw_pickle
 from dinowm.errors import run_cli
 from dinowm.models.decoder import VQVAEDecoder
 from dinowm.models.embeddings import ProprioceptiveEmbedding
@@ -163,6 +164,7 @@ def original(tmp_path_factory):
                 "proprio_encoder": proprio_encoder}
         path = tmp_path_factory.mktemp("orig") / "model_latest.pth"
         torch.save(ckpt, path)
+        torch.save(ckpt, path.with_name("model_legacy.pth"), _use_new_zipfile_serialization=False)
         states = {k: {n: t.detach().clone() for n, t in ckpt[k].state_dict().items()}
                   for k in ("predictor", "decoder", "action_encoder", "proprio_encoder")}
     finally:
@@ -210,6 +212,26 @@ def test_cli_writes_atomically(original, tmp_path, capsys):
     ckpt = torch.load(out, weights_only=True)
     assert ckpt["format"] == "dinowm/1" and ckpt["epoch"] == 7
     assert "epoch 7" in capsys.readouterr().out
+
+
+def test_legacy_serialisation_format_imports_the_same(original):
+    path, _ = original
+    zipped = import_dino_wm_checkpoint(path, num_frames=NUM_FRAMES)["model"]
+    legacy = import_dino_wm_checkpoint(path.with_name("model_legacy.pth"), num_frames=NUM_FRAMES)["model"]
+    assert set(zipped) == set(legacy) and all(torch.equal(zipped[k], legacy[k]) for k in zipped)
+
+
+@pytest.mark.parametrize("how", ["zip", "legacy", "legacy-header"])
+def test_crafted_checkpoint_runs_no_code(tmp_path, how):
+    marker, path = tmp_path / "marker", tmp_path / "crafted.pth"
+    if how == "legacy-header":  # the first record of a legacy file (its magic number) is itself the payload
+        write_raw_pickle(path, marker)
+    else:
+        torch.save({"epoch": 1, "predictor": Marker(marker), "action_encoder": 0, "proprio_encoder": 0}, path,
+                   _use_new_zipfile_serialization=how == "zip")
+    with pytest.raises(CompatError, match=r"crafted\.pth: unknown class 'io\.open'"):
+        import_dino_wm_checkpoint(path)
+    assert not marker.exists()
 
 
 class Evil:
