@@ -72,8 +72,8 @@ def embedding_specs():
     for dname, ptr in (("fp16", "*fp16"), ("bf16", "*bf16"), ("fp32", "*fp32")):
         for kname, fn, cfg, ptrs, extra in (
             ("fwd", E._tiled_embedding_fwd_kernel, E.FWD_CONFIG,
-             {"Visual": ptr, "FrameIndex": "*i64", "Proprio": ptr, "Action": ptr, "Wp": ptr, "Bp": ptr, "Wa": ptr,
-              "Ba": ptr, "Out": ptr}, dict(HAS_INDEX=True)),
+             {"Visual": ptr, "Proprio": ptr, "Action": ptr, "Wp": ptr, "Bp": ptr, "Wa": ptr, "Ba": ptr,
+              "Out": ptr}, {}),
             ("bwd", E._tiled_embedding_bwd_kernel, E.BWD_CONFIG,
              {"DOut": ptr, "Wp": ptr, "Wa": ptr, "DPe": "*fp32", "DAe": "*fp32", "DProprio": ptr, "DAction": ptr},
              {}),

@@ -114,9 +114,18 @@ def frame_prefix_attention(q, k, v, frame_ids, rope=None, scale=None, dropout_p=
     """Per-frame prefix SDPA: frame f's queries against the keys of frames <= f, no mask.
 
     q, k, v: (B, H, N, D); frame_ids: (N,). Frame ids not in non-decreasing order are sorted (stable)
-    and the output is put back in the input order. Reads the frame boundaries on the host. On CPU,
-    fp16/bf16 inputs are computed in fp32 (the CPU bf16 SDPA backward is ~2x slower than fp32).
+    and the output is put back in the input order. Reads the frame boundaries on the host. On CPU the
+    attention is computed in fp32 whatever the input dtype, also under autocast (which would otherwise
+    recast the upcast inputs to bf16; the CPU bf16 SDPA backward is also ~2x slower than fp32), and
+    returned in the input dtype.
     """
+    if q.device.type == "cpu":
+        with torch.autocast("cpu", enabled=False):
+            return _frame_prefix_attention(q, k, v, frame_ids, rope, scale, dropout_p)
+    return _frame_prefix_attention(q, k, v, frame_ids, rope, scale, dropout_p)
+
+
+def _frame_prefix_attention(q, k, v, frame_ids, rope, scale, dropout_p):
     dtype = q.dtype
     if q.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16):
         q, k, v = q.float(), k.float(), v.float()

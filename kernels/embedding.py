@@ -13,8 +13,7 @@ Forward (one kernel, programs own one (b, t) frame x BLOCK_P patches):
     out[b, t, p, Dv+Ep:]        = ae
 
 written straight into one preallocated buffer: the repeated (B, T, P, E) tensors and the
-concatenation of the eager version never exist. Optionally the visual part is gathered from a
-feature cache (F, P, Dv) by a frame index (B, T) (frozen features: no gradient flows to the cache).
+concatenation of the eager version never exist.
 
 Backward, with g = d out (B, T, P, Dv + Ep + Ea):
 
@@ -30,7 +29,6 @@ Ea <= 256 (they are held whole in registers).
 """
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
 import triton
@@ -51,8 +49,7 @@ MAX_SMALL_DIM = 256
 @triton.jit
 def _tiled_embedding_fwd_kernel(
     # pointers
-    Visual,  # (B*T, P, Dv), or a feature cache (F, P, Dv) read through FrameIndex
-    FrameIndex,  # (B*T,) int64 rows of the cache, or a dummy
+    Visual,  # (B*T, P, Dv)
     Proprio,  # (B*T, Dp)
     Action,  # (B*T, Da)
     Wp,  # (Ep, Dp)
@@ -77,7 +74,6 @@ def _tiled_embedding_fwd_kernel(
     Ep,
     Ea,
     # meta-parameters
-    HAS_INDEX: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -104,16 +100,12 @@ def _tiled_embedding_fwd_kernel(
     action = tl.load(Action + frame * stride_ac_f + da, mask=da < Da, other=0.0).to(ACC_DTYPE)
     ae = tl.sum(wa * action[None, :], axis=1) + tl.load(Ba + ea, mask=ea < Ea, other=0.0).to(ACC_DTYPE)
 
-    # -- visual channels: a straight copy (optionally gathered from the cache) --
-    if HAS_INDEX:
-        src = tl.load(FrameIndex + frame).to(tl.int64)
-    else:
-        src = frame
+    # -- visual channels: a straight copy --
     out_rows = Out + frame * stride_o_f + ps[:, None] * stride_o_p  # (BLOCK_P, 1) row starts
     for d0 in range(0, Dv, BLOCK_D):
         ds = d0 + tl.arange(0, BLOCK_D)
         mask = p_mask[:, None] & (ds < Dv)[None, :]
-        v = tl.load(Visual + src * stride_v_f + ps[:, None] * stride_v_p + ds[None, :], mask=mask)
+        v = tl.load(Visual + frame * stride_v_f + ps[:, None] * stride_v_p + ds[None, :], mask=mask)
         tl.store(out_rows + ds[None, :], v.to(Out.dtype.element_ty), mask=mask)
 
     # -- embeddings broadcast over the patch tile --
@@ -202,7 +194,7 @@ def _small_blocks(dp, da, ep, ea) -> dict:
     return dict(BLOCK_DP=p2(dp), BLOCK_DA=p2(da), BLOCK_EP=p2(ep), BLOCK_EA=p2(ea))
 
 
-def _check_inputs(visual, proprio, action, proprio_weight, proprio_bias, action_weight, action_bias, frame_index):
+def _check_inputs(visual, proprio, action, proprio_weight, proprio_bias, action_weight, action_bias):
     named = dict(visual=visual, proprio=proprio, action=action, proprio_weight=proprio_weight,
                  proprio_bias=proprio_bias, action_weight=action_weight, action_bias=action_bias)
     for name, t in named.items():
@@ -214,15 +206,8 @@ def _check_inputs(visual, proprio, action, proprio_weight, proprio_bias, action_
         raise ValueError(f"tiled_embedding: proprio (B, T, Dp) and action (B, T, Da) must share (B, T), got "
                          f"{tuple(proprio.shape)} and {tuple(action.shape)}")
     b, t = proprio.shape[:2]
-    if frame_index is None:
-        if visual.dim() != 4 or visual.shape[:2] != (b, t):
-            raise ValueError(f"tiled_embedding: visual must be (B, T, P, Dv) = ({b}, {t}, P, Dv), got {tuple(visual.shape)}")
-    else:
-        if visual.dim() != 3:
-            raise ValueError(f"tiled_embedding: with frame_index, visual is a cache (F, P, Dv), got {tuple(visual.shape)}")
-        if frame_index.shape != (b, t) or frame_index.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"tiled_embedding: frame_index must be ({b}, {t}) int32/int64, got "
-                             f"{tuple(frame_index.shape)} {frame_index.dtype}")
+    if visual.dim() != 4 or visual.shape[:2] != (b, t):
+        raise ValueError(f"tiled_embedding: visual must be (B, T, P, Dv) = ({b}, {t}, P, Dv), got {tuple(visual.shape)}")
     for name, w, bias, x in (("proprio", proprio_weight, proprio_bias, proprio),
                              ("action", action_weight, action_bias, action)):
         if w.dim() != 2 or w.shape[1] != x.shape[-1]:
@@ -234,29 +219,27 @@ def _check_inputs(visual, proprio, action, proprio_weight, proprio_bias, action_
             raise ValueError(f"tiled_embedding: {name} dims {tuple(w.shape)} exceed {MAX_SMALL_DIM}")
 
 
-def tiled_embedding_fwd(visual, proprio, action, proprio_weight, proprio_bias, action_weight, action_bias,
-                        frame_index=None):
-    """-> (B, T, P, Dv + Ep + Ea) in visual's dtype. With frame_index (B, T), visual is a cache (F, P, Dv)."""
-    _check_inputs(visual, proprio, action, proprio_weight, proprio_bias, action_weight, action_bias, frame_index)
+def tiled_embedding_fwd(visual, proprio, action, proprio_weight, proprio_bias, action_weight, action_bias):
+    """-> (B, T, P, Dv + Ep + Ea) in visual's dtype."""
+    _check_inputs(visual, proprio, action, proprio_weight, proprio_bias, action_weight, action_bias)
     b, t, dp = proprio.shape
     da = action.shape[-1]
     p, dv = visual.shape[-2:]
     ep, ea = proprio_weight.shape[0], action_weight.shape[0]
-    vis = unit_last(visual if frame_index is not None else visual.reshape(b * t, p, dv))  # (F, P, Dv)
+    vis = unit_last(visual.reshape(b * t, p, dv))  # (B*T, P, Dv)
     pr = unit_last(proprio.reshape(b * t, dp))  # (B*T, Dp)
     ac = unit_last(action.reshape(b * t, da))  # (B*T, Da)
     wp, wa = unit_last(proprio_weight), unit_last(action_weight)
     out = torch.empty(b * t, p, dv + ep + ea, dtype=visual.dtype, device=visual.device)  # (B*T, P, D)
-    index = frame_index.reshape(b * t).to(torch.int64) if frame_index is not None else out
     if out.numel() > 0:
         cfg = FWD_CONFIG
         grid = (b * t, triton.cdiv(p, cfg["BLOCK_P"]))
         _tiled_embedding_fwd_kernel[grid](
-            vis, index, pr, ac, wp, proprio_bias, wa, action_bias, out,
+            vis, pr, ac, wp, proprio_bias, wa, action_bias, out,
             vis.stride(0), vis.stride(1), pr.stride(0), ac.stride(0), wp.stride(0), wa.stride(0),
             out.stride(0), out.stride(1),
             p, dv, dp, da, ep, ea,
-            HAS_INDEX=frame_index is not None, ACC_DTYPE=_acc_dtype(visual, proprio, action, wp, wa),
+            ACC_DTYPE=_acc_dtype(visual, proprio, action, wp, wa),
             **_small_blocks(dp, da, ep, ea), **cfg,
         )
     return out.reshape(b, t, p, dv + ep + ea)
@@ -295,13 +278,12 @@ def tiled_embedding_bwd(grad, proprio, action, proprio_weight, action_weight, dv
 @torch.library.custom_op("dinowm::tiled_embedding", mutates_args=())
 def _tiled_embedding_op(visual: torch.Tensor, proprio: torch.Tensor, action: torch.Tensor,
                         proprio_weight: torch.Tensor, proprio_bias: torch.Tensor, action_weight: torch.Tensor,
-                        action_bias: torch.Tensor, frame_index: Optional[torch.Tensor]) -> torch.Tensor:
-    return tiled_embedding_fwd(visual, proprio, action, proprio_weight, proprio_bias, action_weight, action_bias,
-                               frame_index)
+                        action_bias: torch.Tensor) -> torch.Tensor:
+    return tiled_embedding_fwd(visual, proprio, action, proprio_weight, proprio_bias, action_weight, action_bias)
 
 
 @_tiled_embedding_op.register_fake
-def _(visual, proprio, action, proprio_weight, proprio_bias, action_weight, action_bias, frame_index):
+def _(visual, proprio, action, proprio_weight, proprio_bias, action_weight, action_bias):
     b, t = proprio.shape[:2]
     p, dv = visual.shape[-2:]
     return visual.new_empty(b, t, p, dv + proprio_weight.shape[0] + action_weight.shape[0])
@@ -326,9 +308,8 @@ def _(grad, proprio, action, proprio_weight, action_weight, dv):
 
 
 def _setup_context(ctx, inputs, output):
-    visual, proprio, action, proprio_weight, _pb, action_weight, _ab, frame_index = inputs
+    visual, proprio, action, proprio_weight, _pb, action_weight, _ab = inputs
     ctx.dv = visual.shape[-1]
-    ctx.gathered = frame_index is not None
     ctx.bias_dtypes = (_pb.dtype, _ab.dtype)
     ctx.save_for_backward(proprio, action, proprio_weight, action_weight)
 
@@ -341,25 +322,20 @@ def _backward(ctx, grad):
     dwp = (dpe.t() @ proprio.reshape(-1, proprio.shape[-1]).to(dpe.dtype)).to(proprio_weight.dtype)  # (Ep, Dp)
     dwa = (dae.t() @ action.reshape(-1, action.shape[-1]).to(dae.dtype)).to(action_weight.dtype)  # (Ea, Da)
     dbp, dba = dpe.sum(0).to(ctx.bias_dtypes[0]), dae.sum(0).to(ctx.bias_dtypes[1])
-    dvisual = None if ctx.gathered else grad[..., :ctx.dv]  # (B, T, P, Dv) view
-    return dvisual, dproprio, daction, dwp, dbp, dwa, dba, None
+    dvisual = grad[..., :ctx.dv]  # (B, T, P, Dv) view
+    return dvisual, dproprio, daction, dwp, dbp, dwa, dba
 
 
 _tiled_embedding_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def tiled_embedding_triton(visual, proprio, action, proprio_weight, proprio_bias, action_weight, action_bias,
-                           frame_index=None):
+def tiled_embedding_triton(visual, proprio, action, proprio_weight, proprio_bias, action_weight, action_bias):
     """[visual | proprio_emb | action_emb] over patches in Triton -> (B, T, P, Dv + Ep + Ea).
 
-    visual: (B, T, P, Dv), or with frame_index (B, T) int a frozen feature cache (F, P, Dv) gathered
-    by frame (no gradient to the cache); proprio: (B, T, Dp); action: (B, T, Da);
+    visual: (B, T, P, Dv); proprio: (B, T, Dp); action: (B, T, Da);
     proprio_weight: (Ep, Dp); proprio_bias: (Ep,); action_weight: (Ea, Da); action_bias: (Ea,).
     """
-    if frame_index is not None and visual.requires_grad:
-        raise ValueError("tiled_embedding: a feature cache read through frame_index gets no gradient; detach it")
-    return _tiled_embedding_op(visual, proprio, action, proprio_weight, proprio_bias, action_weight, action_bias,
-                               frame_index)
+    return _tiled_embedding_op(visual, proprio, action, proprio_weight, proprio_bias, action_weight, action_bias)
 
 
 # FLOP formulas: kernels.flops

@@ -184,10 +184,13 @@ def tiled_embedding_ref(
     visual: (B, T, P, Dv); proprio: (B, T, Dp); action: (B, T, Da);
     proprio_weight: (Ep, Dp) (a Conv1d weight (Ep, Dp, 1) squeezed); action_weight: (Ea, Da).
     Returns (B, T, P, Dv + Ep + Ea), the order of docs/contract.md §4 (visual, proprio, action).
+    The embeddings are computed in the inputs' dtype, never under autocast (as the Triton kernel: fp32
+    accumulation), and cast to visual's dtype.
     """
     b, t, p, _ = visual.shape
-    proprio_emb = F.linear(proprio, proprio_weight, proprio_bias)  # (B, T, Ep)
-    action_emb = F.linear(action, action_weight, action_bias)  # (B, T, Ea)
+    with torch.autocast(visual.device.type, enabled=False):
+        proprio_emb = F.linear(proprio, proprio_weight, proprio_bias)  # (B, T, Ep)
+        action_emb = F.linear(action, action_weight, action_bias)  # (B, T, Ea)
     return torch.cat(
         [
             visual,

@@ -31,5 +31,7 @@ class ProprioceptiveEmbedding(nn.Module):
         return self.patch_embed.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Conv1d(k=1) over time == Linear per timestep: (B, T, in) -> (B, T, emb)
-        return F.linear(x, self.weight, self.bias)
+        # Conv1d(k=1) over time == Linear per timestep: (B, T, in) -> (B, T, emb). Never under autocast: the
+        # embeddings have one precision on every path (docs/contract.md §4), like the fused kernel's.
+        with torch.autocast(x.device.type, enabled=False):
+            return F.linear(x, self.weight, self.bias)

@@ -124,3 +124,27 @@ def test_simple_ops_triton_under_interpreter():
     visual, proprio, action = torch.randn(1, 2, 3, 4), torch.randn(1, 2, 5), torch.randn(1, 2, 6)
     args = (visual, proprio, action, torch.randn(7, 5), torch.randn(7), torch.randn(7, 6), torch.randn(7))
     torch.testing.assert_close(dispatch.tiled_embedding(*args, backend="triton"), reference.tiled_embedding_ref(*args))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cpu_sdpa_computes_in_fp32_under_bf16_autocast(dtype):
+    """What the docstring promises: autocast must not recast the fp32 upcast to bf16 inside SDPA."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class SdpaDtypes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if "scaled_dot_product" in str(func):
+                self.seen.append(args[0].dtype)
+            return func(*args, **(kwargs or {}))
+
+    q, k, v, frame_ids = (t.to(dtype) if t.is_floating_point() else t for t in small_inputs(requires_grad=False))
+    with torch.autocast("cpu", dtype=torch.bfloat16), SdpaDtypes() as mode:
+        out = dispatch.frame_prefix_attention(q, k, v, frame_ids)
+    assert mode.seen and set(mode.seen) == {torch.float32}
+    assert out.dtype == dtype
+    ref = reference.block_causal_attention_ref(q.double(), k.double(), v.double(), frame_ids)
+    torch.testing.assert_close(out.double(), ref.to(dtype).double(), rtol=2**-7, atol=1e-6)

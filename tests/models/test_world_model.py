@@ -201,3 +201,22 @@ def test_build_world_model():
         m0 = build_world_model(ModelConfig(encoder_image_size=56, concat_dim=0, action_emb_dim=384, proprio_emb_dim=384,
                                            predictor_depth=1), DataConfig())
     assert m0.predictor.pos_embedding.shape == (1, 3 * 18, 384)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_embeddings_have_one_precision_on_every_path_under_bf16_autocast(model, batch, backend):
+    """Context latents (embed), rolled-out latents (replace_action) and the fp32 embedding agree."""
+    _, proprio, action, visual = batch
+    ea = model.action_dim
+    expected = torch.nn.functional.linear(action.double(), model.action_encoder.weight.double(),
+                                          model.action_encoder.bias.double())  # (B, T, Ea)
+    model.embedding_backend = backend
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            z = model.embed(visual, proprio, action)  # (B, T, P, 404) in visual's dtype (fp32)
+            replaced = model.replace_action(torch.zeros_like(z), action)
+    finally:
+        model.embedding_backend = "auto"
+    for got in (z[:, :, 0, -ea:], replaced[:, :, 0, -ea:]):
+        torch.testing.assert_close(got.double(), expected, rtol=1e-6, atol=1e-6)  # not bf16 (~4e-3)
+    torch.testing.assert_close(z[..., -ea:], replaced[..., -ea:], rtol=1e-6, atol=1e-6)  # summation order only
