@@ -88,24 +88,20 @@ def test_choice_logged_once(caplog):
     assert any("backend=sdpa (requested auto)" in line for line in lines)
 
 
-@pytest.mark.parametrize("backend", ["auto", "sdpa", "reference", "triton"])
+@pytest.mark.parametrize("backend", ["sdpa", "triton"])  # auto is sdpa on CPU; reference is the oracle
 def test_attention_backends_agree(backend):
     q, k, v, frame_ids = small_inputs()
     tables = reference.rope_tables(torch.randint(0, 8, (18, 3)), 24)
     out = dispatch.block_causal_attention(q, k, v, frame_ids, tables, scale=0.3, backend=backend)
-    ref = reference.block_causal_attention_ref(q, k, v, frame_ids, tables, scale=0.3)
-    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    ref = reference.block_causal_attention_ref(q.double(), k.double(), v.double(), frame_ids, tables, scale=0.3)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-5)
 
 
 def test_simple_ops_auto_is_reference_on_cpu():
     x, w = torch.randn(3, 8), torch.randn(5, 8)
     choice = dispatch.resolve_simple("layernorm_linear", "kernels.ln_linear", "auto", x.device)
     assert choice.backend == "reference"
-    out = dispatch.layernorm_linear(x, None, None, w, None)
-    torch.testing.assert_close(out, reference.layernorm_linear_ref(x, None, None, w, None))
-    visual, proprio, action = torch.randn(1, 2, 3, 4), torch.randn(1, 2, 5), torch.randn(1, 2, 6)
-    args = (visual, proprio, action, torch.randn(7, 5), torch.randn(7), torch.randn(7, 6), torch.randn(7))
-    torch.testing.assert_close(dispatch.tiled_embedding(*args), reference.tiled_embedding_ref(*args))
+    assert dispatch.resolve_simple("tiled_embedding", "kernels.embedding", "auto", x.device).backend == "reference"
 
 
 def test_simple_ops_triton_missing_module_refused(monkeypatch):
@@ -120,10 +116,12 @@ def test_simple_ops_triton_under_interpreter():
     pytest.importorskip("kernels.embedding")
     x, w, g, b = torch.randn(4, 16), torch.randn(8, 16), torch.randn(16), torch.randn(16)
     out = dispatch.layernorm_linear(x, g, b, w, None, backend="triton")
-    torch.testing.assert_close(out, reference.layernorm_linear_ref(x, g, b, w, None), rtol=1e-4, atol=1e-4)
+    ref = reference.layernorm_linear_ref(x.double(), g.double(), b.double(), w.double(), None)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4)
     visual, proprio, action = torch.randn(1, 2, 3, 4), torch.randn(1, 2, 5), torch.randn(1, 2, 6)
     args = (visual, proprio, action, torch.randn(7, 5), torch.randn(7), torch.randn(7, 6), torch.randn(7))
-    torch.testing.assert_close(dispatch.tiled_embedding(*args, backend="triton"), reference.tiled_embedding_ref(*args))
+    ref = reference.tiled_embedding_ref(*(a.double() for a in args))
+    torch.testing.assert_close(dispatch.tiled_embedding(*args, backend="triton").double(), ref, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
