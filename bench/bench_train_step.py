@@ -51,12 +51,19 @@ def _setup(shape: str, variant: dict):
         "proprio": torch.randn(batch, t, cfg.data.proprio_end - cfg.data.proprio_start, device=device),
         "action": torch.randn(batch, t, 9 * cfg.data.frameskip, device=device),
     }
-    if variant["cache"]:
-        with torch.no_grad():
-            inputs["visual"] = model.encode_visual(inputs["obs"]).to(variant["dtype"])  # (B, T, P, 384)
+    def autocast():
+        return torch.autocast(device.type, dtype=variant["dtype"], enabled=variant["dtype"] != torch.float32)
+
+    if variant["cache"]:  # as the trainer's FeatureCache: under the run's autocast, in the encoder's output dtype
+        with torch.no_grad(), autocast():
+            inputs["visual"] = model.encode_visual(inputs["obs"])  # (B, T, P, 384)
+    with torch.no_grad(), autocast():  # the variants must compute the same loss (eval: no dropout draws)
+        model.eval()
+        loss0 = float(model(**inputs)["loss"])
+        model.train()
 
     def step():
-        with torch.autocast(device.type, dtype=variant["dtype"], enabled=variant["dtype"] != torch.float32):
+        with autocast():
             out = model(**inputs, decode_prediction=variant["decode_prediction"])
         out["loss"].backward()
         for opt in optimizers.values():
@@ -66,13 +73,24 @@ def _setup(shape: str, variant: dict):
             torch.cuda.synchronize()
         return out["loss"]
 
-    return step, batch, device
+    return step, batch, device, loss0
+
+
+# variant -> relative tolerance of its loss against the original's (same weights, same inputs)
+LOSS_RTOL = {"original_fp32": 0.0, "fast_fp32": 1e-4, "fast_bf16": 3e-2}
+_first_losses: dict[tuple[str, str], float] = {}
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_train_step(benchmark, request, variant):
     shape = _shape_name(request)
-    step, batch, device = _setup(shape, VARIANTS[variant])
+    step, batch, device, loss0 = _setup(shape, VARIANTS[variant])
+    _first_losses[shape, variant] = loss0
+    if variant != "original_fp32":
+        original = _first_losses.get((shape, "original_fp32"))
+        if original is None:  # run alone (-k): compute the original's loss here
+            original = _setup(shape, VARIANTS["original_fp32"])[3]
+        assert loss0 == pytest.approx(original, rel=LOSS_RTOL[variant]), (variant, loss0, original)
     benchmark.group = f"train_step[{shape}]"
     loss = benchmark.pedantic(step, rounds=3, warmup_rounds=1, iterations=1)
     assert torch.isfinite(loss)

@@ -2,17 +2,47 @@
 import json
 import math
 
+import pytest
 import torch
 
 from dinowm.metrics import MetricSink, psnr, ssim
 
 
-def test_psnr_of_a_known_error():
-    target = torch.rand(2, 3, 16, 16) * 2 - 1
-    pred = (target + 0.2).clamp(-1, 1)  # on the [0, 1] scale an error of 0.1 where not clamped
-    mse01 = (((pred + 1) / 2 - (target + 1) / 2) ** 2).flatten(1).mean(1)
-    assert torch.allclose(psnr(pred, target), 10 * torch.log10(1 / mse01))
+def test_psnr_is_20_db_at_rms_error_0_1():
+    """An error of 0.1 on the [0, 1] scale (0.2 in the model's [-1, 1] units) is PSNR 20 dB exactly."""
+    target = torch.rand(2, 3, 16, 16) - 0.5  # inside [-1, 1] after the error: nothing clamped
+    sign = torch.where(torch.rand(target.shape) < 0.5, -1.0, 1.0)
+    pred = target + 0.2 * sign
+    torch.testing.assert_close(psnr(pred, target), torch.full((2,), 20.0), rtol=0, atol=1e-4)
     assert psnr(target, target).min() > 90  # identical: only the 1e-10 floor
+
+
+def _fixed_pair() -> tuple[torch.Tensor, torch.Tensor]:
+    """A smooth 32x32 pattern in [0, 1] and a distorted copy (no random numbers: the value below is fixed)."""
+    y, x = torch.meshgrid(torch.arange(32, dtype=torch.float64) / 31, torch.arange(32, dtype=torch.float64) / 31,
+                          indexing="ij")
+    a = 0.5 + 0.4 * torch.sin(6 * x) * torch.cos(4 * y)
+    b = (a + 0.1 * torch.sin(17 * x + 3 * y)).clamp(0, 1)
+    return a, b
+
+
+# skimage.metrics.structural_similarity(a, b, gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+# data_range=1.0) with scikit-image 0.26.0 on `_fixed_pair()` (a published implementation of Wang et al. 2004)
+SKIMAGE_SSIM = 0.7243797566366936
+
+
+def test_ssim_matches_scikit_image_on_a_fixed_pair():
+    a, b = _fixed_pair()
+    to_model = lambda img: (img * 2 - 1).float().expand(1, 3, 32, 32)  # [0, 1] grey -> (1, 3, H, W) in [-1, 1]
+    ours = float(ssim(to_model(b), to_model(a)))
+    assert ours == pytest.approx(SKIMAGE_SSIM, abs=1e-5)
+    try:
+        from skimage.metrics import structural_similarity
+    except ImportError:
+        return
+    value = structural_similarity(a.numpy(), b.numpy(), gaussian_weights=True, sigma=1.5,
+                                  use_sample_covariance=False, data_range=1.0)
+    assert ours == pytest.approx(value, abs=1e-5)
 
 
 def test_ssim_is_one_for_identical_images_and_falls_with_noise():
