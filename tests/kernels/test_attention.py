@@ -302,3 +302,32 @@ def test_compile_specs_are_complete():
         assert set(spec["signature"]) == set(spec["fn"].arg_names), spec["name"]
         constexprs = {arg for arg, kind in spec["signature"].items() if kind == "constexpr"}
         assert constexprs == set(spec["constexprs"]), spec["name"]
+
+
+# ----------------------------------------------------------------------------------------------
+# the memory claim: the fused kernel keeps O(N * D) activations for backward, the dense path O(N^2)
+# ----------------------------------------------------------------------------------------------
+def saved_bytes(fn, q, k, v) -> int:
+    """Bytes of the tensors autograd saves for backward while running fn(q, k, v) (each storage once)."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(q.requires_grad_(), k.requires_grad_(), v.requires_grad_())
+    return sum(storages.values())
+
+
+def test_saved_activations_grow_linearly_not_quadratically():
+    sizes = {}
+    for frames in (2, 8):
+        q, k, v, _, frame_ids, _ = make_case(1, 2, frames, 16, 24, torch.float32)
+        sizes[frames] = {
+            "triton": saved_bytes(lambda *x: attention.block_causal_attention_triton(*x, frame_ids, config=TINY), q, k, v),
+            "dense": saved_bytes(lambda *x: reference.block_causal_attention_ref(*x, frame_ids), q, k, v),
+        }
+    assert sizes[8]["triton"] <= 4.2 * sizes[2]["triton"], sizes  # 4x the tokens: 4x the memory
+    assert sizes[8]["dense"] >= 8.0 * sizes[2]["dense"], sizes  # the (N, N) scores dominate
+    assert sizes[8]["triton"] < sizes[8]["dense"] / 2, sizes

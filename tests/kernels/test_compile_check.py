@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import triton
 import triton.language as tl
 
@@ -42,6 +43,15 @@ def test_own_kernels_compile_without_spills():
     gemms = [r for r in rows if "sm_90" in r and "bwd_dln" not in r and r.startswith("layernorm_linear")
              and " fp32 " not in r]
     assert gemms and all(" yes " in r for r in gemms), "\n".join(gemms)
+
+
+@pytest.mark.slow
+def test_attention_kernels_compile_without_spills():
+    """Every attention kernel x shipped config x target: no LOCAL/STACK, shared memory fits, wgmma on sm_90."""
+    result = run_check("--modules", "kernels.attention")
+    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-2000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith(("attn_", "rope"))]
+    assert len(rows) == 2 * len(SPECS["kernels.attention"]())
 
 
 def test_module_without_specs_fails():
