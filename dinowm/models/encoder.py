@@ -28,7 +28,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dinowm.errors import UserError
+
 log = logging.getLogger("dinowm.models")
+
+
+class EncoderWeightsError(UserError, ValueError):
+    """model.encoder_weights names a file that is missing or not the official ViT-S/14 state dict."""
 
 PATCH_SIZE = 14
 WIDTH = 384
@@ -155,24 +161,27 @@ class DinoV2Encoder(nn.Module):
         """Load the official `dinov2_vits14_pretrain.pth` state dict (strict; exact official keys)."""
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: DINOv2 encoder weights not found")
-        try:
+            raise EncoderWeightsError(f"{path}: DINOv2 encoder weights not found (model.encoder_weights)")
+        try:  # weights_only: a crafted file cannot run code
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - any unpickling problem is a bad file for the user
-            raise ValueError(f"{path}: not a readable DINOv2 state dict ({type(e).__name__}: {e})") from None
+            detail = next((line.strip() for line in str(e).splitlines() if "Unsupported global" in line),
+                          (str(e).splitlines() or [""])[0])
+            raise EncoderWeightsError(f"{path}: not a readable DINOv2 state dict ({type(e).__name__}: "
+                                      f"{detail[:200]})") from None
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-            raise ValueError(f"{path}: expected a state dict of tensors (dinov2_vits14_pretrain.pth), "
+            raise EncoderWeightsError(f"{path}: expected a state dict of tensors (dinov2_vits14_pretrain.pth), "
                              f"got {type(state).__name__}")
         own = self.state_dict()
         missing = sorted(set(own) - set(state))
         unexpected = sorted(set(state) - set(own))
         if missing or unexpected:
-            raise ValueError(f"{path}: not a DINOv2 ViT-S/14 checkpoint: missing keys {_short(missing)}, "
+            raise EncoderWeightsError(f"{path}: not a DINOv2 ViT-S/14 checkpoint: missing keys {_short(missing)}, "
                              f"unexpected keys {_short(unexpected)}")
         wrong = [f"{k} {tuple(state[k].shape)} (expected {tuple(v.shape)})" for k, v in own.items()
                  if state[k].shape != v.shape]
         if wrong:
-            raise ValueError(f"{path}: shape mismatch, not ViT-S/14: {_short(wrong)}")
+            raise EncoderWeightsError(f"{path}: shape mismatch, not ViT-S/14: {_short(wrong)}")
         self.load_state_dict(state, strict=True)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

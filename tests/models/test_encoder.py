@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from dinowm.config import ModelConfig
-from dinowm.models.encoder import DinoV2Encoder, build_encoder, interpolate_pos_embed
+from dinowm.models.encoder import DinoV2Encoder, EncoderWeightsError, build_encoder, interpolate_pos_embed
 
 
 def official_state_dict() -> dict:
@@ -97,18 +97,18 @@ def test_load_errors_name_the_file(official, tmp_path):
     missing = dict(tiny)
     del missing["blocks.3.ls1.gamma"]
     torch.save(missing, tmp_path / "missing.pth")
-    with pytest.raises(ValueError, match=r"missing\.pth.*blocks\.3\.ls1\.gamma"):
+    with pytest.raises(EncoderWeightsError, match=r"missing\.pth.*blocks\.3\.ls1\.gamma"):
         enc.load_official(tmp_path / "missing.pth")
     torch.save(dict(tiny, register_tokens=torch.zeros(1)), tmp_path / "extra.pth")
-    with pytest.raises(ValueError, match=r"extra\.pth.*register_tokens"):
+    with pytest.raises(EncoderWeightsError, match=r"extra\.pth.*register_tokens"):
         enc.load_official(tmp_path / "extra.pth")
     torch.save(tiny, tmp_path / "wrong.pth")
-    with pytest.raises(ValueError, match=r"wrong\.pth: shape mismatch.*cls_token \(1,\) \(expected \(1, 1, 384\)\)"):
+    with pytest.raises(EncoderWeightsError, match=r"wrong\.pth: shape mismatch.*cls_token \(1,\) \(expected \(1, 1, 384\)\)"):
         enc.load_official(tmp_path / "wrong.pth")
     (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match=r"garbage\.pth"):
+    with pytest.raises(EncoderWeightsError, match=r"garbage\.pth"):
         enc.load_official(tmp_path / "garbage.pth")
-    with pytest.raises(FileNotFoundError, match=r"nope\.pth"):
+    with pytest.raises(EncoderWeightsError, match=r"nope\.pth"):
         enc.load_official(tmp_path / "nope.pth")
 
 

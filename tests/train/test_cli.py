@@ -50,3 +50,16 @@ def test_train_py_dataset_error_raised_while_building_the_trainer_is_one_line(tm
                         "--out", str(tmp_path / "run"), "--logging.progress_bar", "false"])
     line = assert_one_line_error(result, "000001")
     assert line.split("error: ", 1)[1] in (tmp_path / "run" / "train.log").read_text()  # the run keeps the reason
+
+
+def test_importer_error_is_one_line(tmp_path):
+    bad = tmp_path / "model_latest.pth"
+    bad.write_bytes(b"not a checkpoint")
+    result = run_entry(["-m", "dinowm.compat", "import-dino-wm", str(bad), "--out", str(tmp_path / "c.pt")])
+    assert_one_line_error(result, str(bad))
+
+
+def test_sim_error_is_one_line(tmp_path):
+    missing = tmp_path / "no_dataset"
+    result = run_entry(["-m", "dinowm.data.sim", "--preview", str(missing), "--png", str(tmp_path / "s.png")])
+    assert_one_line_error(result, str(missing))

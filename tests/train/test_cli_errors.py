@@ -145,3 +145,22 @@ def test_short_episode_warning_reaches_train_log(tmp_path):
     data = write_franka_dataset(tmp_path / "dset", lengths=(20, 16, 24, 5, 22))
     cli.train(train_args(data, tmp_path / "run", "--training.max_steps", "1"))
     assert "shorter than" in (tmp_path / "run" / "train.log").read_text()
+
+
+def test_dataset_tensor_file_runs_no_code(tmp_path, capsys):
+    root = write_franka_dataset(tmp_path / "dset", lengths=(12, 9, 15))
+    torch.save({"states": Marker(tmp_path / "marker")}, root / "states.pth")
+    line = cli_error(capsys, *train_args(root, tmp_path / "run"))
+    assert str(root / "states.pth") in line, line
+    assert not (tmp_path / "marker").exists()
+
+
+@pytest.mark.parametrize("problem", ["crafted", "missing"])
+def test_encoder_weights_file(trained, tmp_path, capsys, problem):
+    data, _ = trained
+    weights = tmp_path / "dinov2_vits14_pretrain.pth"
+    if problem == "crafted":
+        torch.save({"cls_token": Marker(tmp_path / "marker")}, weights)
+    line = cli_error(capsys, *train_args(data, tmp_path / "run", "--model.encoder_weights", str(weights)))
+    assert str(weights) in line, line
+    assert not (tmp_path / "marker").exists()
