@@ -5,9 +5,12 @@
     python train.py --config franka.toml --training.batch_size 8 --training.dtype bf16 --out runs/bs8
     python train.py --resume runs/bs8 [--training.max_steps 1000]   # continue exactly where it stopped
     python train.py --config franka.toml --init-from converted.pt   # start from imported original weights
+    torchrun --nproc_per_node 4 train.py --config franka.toml --out runs/ddp   # 4 GPUs, same global batch
 
 A bare config name is looked up in configs/. Any value can be overridden with --section.key value
 (see README "Configuration"). Without --out the run folder is outputs/<date>/<time>/.
+Exit codes: 0 done, 2 a user error (one line), 130 Ctrl-C / 143 SIGTERM (a checkpoint was saved: resume),
+124 hang (stacks in train.log).
 """
 from dinowm.cli import main
 

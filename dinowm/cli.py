@@ -5,6 +5,7 @@
     python train.py --config franka.toml --training.batch_size 8 --training.dtype bf16 --out runs/bs8
     python train.py --resume runs/bs8 [--training.max_steps 1000]   # continue exactly where it stopped
     python train.py --config franka.toml --init-from converted.pt   # start from imported original weights
+    torchrun --nproc_per_node 4 train.py --config franka.toml --out runs/ddp   # 4 GPUs, same global batch
 
 A bare config name is looked up in configs/. Any value can be overridden with --section.key value
 (see README "Configuration"). Without --out the run folder is outputs/<date>/<time>/.
@@ -17,6 +18,7 @@ import logging
 import time
 from pathlib import Path
 
+from dinowm import distributed
 from dinowm.checkpoint import check_resumable, load_checkpoint
 from dinowm.config import Config, ConfigError, apply_values, config_from_dict, load_config, parse_overrides
 from dinowm.data import is_dataset_dir
@@ -36,8 +38,10 @@ def write_config(cfg: Config, path: Path) -> None:
 
 
 # Settings a resumed run may change; the rest define the run (model, data, samples per batch) and may not.
+# data.path and model.encoder_weights may move: the checkpoint's fingerprints check their contents.
 RESUME_MAY_CHANGE = {"data.path", "data.num_workers", "data.demo_episodes", "data.demo_frames",
-                     "training.epochs", "training.max_steps", "training.device", "training.compile"}
+                     "model.encoder_weights", "training.epochs", "training.max_steps", "training.device",
+                     "training.compile", "training.hang_timeout_s", "training.max_nonfinite_steps"}
 
 
 def check_resume_changes(saved: Config, new: Config) -> None:
@@ -94,26 +98,35 @@ def train(argv: list[str]) -> dict:
         cfg = load_config(args.config, overrides)
         run_dir = Path(args.out) if args.out else Path("outputs") / time.strftime("%Y-%m-%d") / time.strftime("%H-%M-%S")
     check_demo_path(cfg, overrides)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_config(cfg, run_dir / "config.toml")
-    log_file = logging.FileHandler(run_dir / "train.log")
+    rank = distributed.init_distributed(cfg.training.device)  # under torchrun: join the process group
+    run_dir = Path(distributed.broadcast_object(str(run_dir)))  # rank 0's (time-stamped) folder
     root = logging.getLogger()
-    root.addHandler(log_file)
-    logging.captureWarnings(True)  # warnings (e.g. episodes too short for a sample) reach train.log too
+    log_file = None
+    if rank.main:  # rank 0 alone writes files; the other ranks log warnings only
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_config(cfg, run_dir / "config.toml")
+        log_file = logging.FileHandler(run_dir / "train.log")
+        root.addHandler(log_file)
+        logging.captureWarnings(True)  # warnings (e.g. episodes too short for a sample) reach train.log too
+    else:
+        root.setLevel(logging.WARNING)
     try:
-        logging.getLogger("dinowm").info("run folder: %s", run_dir)
+        logging.getLogger("dinowm").info("run folder: %s (%d processes)", run_dir, rank.world_size)
         init_weights = None
         if args.init_from:
             init_weights = load_checkpoint(args.init_from)["model"]
         return Trainer(cfg, run_dir, checkpoint, init_weights=init_weights).fit()
     except (UserError, OSError) as e:  # the run folder keeps the reason; run_cli prints it
-        log_file.handle(logging.makeLogRecord({"name": "dinowm", "levelno": logging.ERROR, "levelname": "ERROR",
-                                               "msg": "error: %s", "args": (one_line(e),)}))
+        if log_file is not None:
+            log_file.handle(logging.makeLogRecord({"name": "dinowm", "levelno": logging.ERROR, "levelname": "ERROR",
+                                                   "msg": "error: %s", "args": (one_line(e),)}))
         raise
     finally:
-        logging.captureWarnings(False)
-        root.removeHandler(log_file)
-        log_file.close()
+        distributed.shutdown()
+        if log_file is not None:
+            logging.captureWarnings(False)
+            root.removeHandler(log_file)
+            log_file.close()
 
 
 def main(argv: list[str] | None = None) -> None:

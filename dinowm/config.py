@@ -100,6 +100,12 @@ class TrainingConfig:
     """torch.compile the predictor and decoder."""
     feature_cache: bool = True
     """Cache the frozen encoder's features per frame (exact: the encoder is frozen and deterministic)."""
+    hang_timeout_s: float = 1800.0
+    """If no training step completes for this many seconds, write all threads' stacks to train.log and exit
+    with code 124 instead of freezing (a stuck DataLoader worker, a collective waiting on a dead rank). 0: off."""
+    max_nonfinite_steps: int = 10
+    """A step with a non-finite loss or gradient is skipped (no update); after this many in a row the run
+    stops without saving, so the last good checkpoint stays the latest."""
 
 
 @dataclass
@@ -190,6 +196,8 @@ class Config:
         _check(t.batch_size >= 1, "training.batch_size", t.batch_size, "must be >= 1")
         _check(t.epochs >= 1, "training.epochs", t.epochs, "must be >= 1")
         _check(t.max_steps >= 0, "training.max_steps", t.max_steps, "must be >= 0 (0: no cap)")
+        _check(t.hang_timeout_s >= 0, "training.hang_timeout_s", t.hang_timeout_s, "must be >= 0 (0: no watchdog)")
+        _check(t.max_nonfinite_steps >= 1, "training.max_nonfinite_steps", t.max_nonfinite_steps, "must be >= 1")
         _check(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"), "training.device",
                t.device, "must be auto, cpu, cuda or cuda:N")
         for key in ("data.demo_frames", "model.action_emb_dim", "model.proprio_emb_dim", "model.predictor_depth",

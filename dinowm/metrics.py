@@ -51,10 +51,12 @@ def _sync(device: torch.device) -> None:
 class StepTimer:
     """Times data wait vs compute per step and summarises a logging window."""
 
-    def __init__(self, device: torch.device, flops_per_sample: float | None = None):
+    def __init__(self, device: torch.device, flops_per_sample: float | None = None, devices: int = 1):
+        """devices: how many devices (ranks) step together; throughput and MFU are then of all of them."""
         self.device = device
         self.flops_per_sample = flops_per_sample
-        self.peak_flops = device_peak_flops(device)
+        peak = device_peak_flops(device)
+        self.peak_flops = peak * devices if peak else None
         self._reset_window()
         self._mark = time.perf_counter()
 
@@ -124,19 +126,28 @@ class LossWindow:
 
 
 class MetricSink:
-    """metrics.jsonl always; TensorBoard / W&B when enabled and installed (a warning otherwise)."""
+    """metrics.jsonl always; TensorBoard / W&B when enabled and installed (a warning otherwise).
+
+    resume_step: the step of the checkpoint a run resumes from; records of later steps (written after
+    that checkpoint, before the run stopped) are dropped, so no step is logged twice. enabled=False (ranks
+    other than 0) writes nothing.
+    """
 
     def __init__(self, run_dir: Path, config: dict, tensorboard: bool = False, wandb: bool = False,
-                 wandb_project: str = "dino_wm"):
+                 wandb_project: str = "dino_wm", enabled: bool = True, resume_step: int | None = None):
         self.path = run_dir / "metrics.jsonl"
+        self._file = self._tb = self._wandb = None
+        if not enabled:
+            return
+        if resume_step is not None and self.path.exists():
+            drop_records_after(self.path, resume_step)
         self._file = open(self.path, "a", buffering=1)
-        self._tb = None
-        self._wandb = None
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(str(run_dir / "tensorboard"))
+                purge = None if resume_step is None else resume_step + 1  # drops events of later steps
+                self._tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge)
             except ImportError:
                 log.warning("logging.tensorboard = true but tensorboard is not installed; writing metrics.jsonl only")
         if wandb:
@@ -148,6 +159,8 @@ class MetricSink:
                 log.warning("logging.wandb = true but wandb is not installed; writing metrics.jsonl only")
 
     def write(self, step: int, split: str, values: dict) -> None:
+        if self._file is None:
+            return
         record = {"step": step, "split": split, "time": time.time()}
         record.update({k: (float(v) if isinstance(v, (int, float, torch.Tensor)) else v) for k, v in values.items()})
         self._file.write(json.dumps(record) + "\n")
@@ -159,11 +172,28 @@ class MetricSink:
             self._wandb.log(scalars, step=step)
 
     def close(self) -> None:
+        if self._file is None:
+            return
         self._file.close()
         if self._tb is not None:
             self._tb.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def drop_records_after(path: Path, step: int) -> None:
+    """Rewrite a metrics.jsonl keeping the records of steps <= step (and dropping a line cut by a crash)."""
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and record.get("step", 0) <= step:
+            kept.append(line + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    tmp.replace(path)
 
 
 @contextlib.contextmanager

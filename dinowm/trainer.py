@@ -12,14 +12,15 @@ A run folder holds:
 from __future__ import annotations
 
 import logging
-import signal
-import threading
 import warnings
 from collections import defaultdict
 from pathlib import Path
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
+
+from dinowm import distributed, fingerprint
 
 from dinowm.checkpoint import (
     CHECKPOINT_FORMAT,
@@ -34,12 +35,16 @@ from dinowm.data import DatasetError, FeatureCache, FrameWindows, build_data, ma
 from dinowm.data.normalize import NormStats
 from dinowm.metrics import LossWindow, MetricSink, StepTimer, maybe_profile, psnr, ssim
 from dinowm.models.world_model import build_world_model
+from dinowm.resilience import HangWatchdog, NonFiniteError, StopOnSignal
 from dinowm.visualize import save_grid
 
 log = logging.getLogger("dinowm")
 
 
-def pick_device(name: str) -> torch.device:
+def pick_device(name: str, local_rank: int = 0) -> torch.device:
+    """training.device -> a device; under torchrun a CUDA run uses cuda:LOCAL_RANK."""
+    if name in ("auto", "cuda") and distributed.current().enabled and torch.cuda.is_available():
+        return torch.device("cuda", local_rank)
     if name == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         log.info("device: %s (training.device = auto)", device)
@@ -59,32 +64,6 @@ def build_optimizers(model, cfg) -> dict[str, torch.optim.Optimizer]:
     }
 
 
-class StopOnInterrupt:
-    """First Ctrl-C: finish the current step, save, exit. Second Ctrl-C: stop at once.
-
-    Interrupting inside an optimiser step would save half-updated parameters; a flag checked
-    between steps never does.
-    """
-
-    def __enter__(self):
-        self.requested = False
-        self._previous = None
-        if threading.current_thread() is threading.main_thread():  # signals can only be caught there
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        log.warning("Ctrl-C: finishing this step and saving a checkpoint (press again to abort without saving)")
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-        return False
-
-
 class Trainer:
     def __init__(self, cfg: Config, run_dir: str | Path, checkpoint: dict | None = None,
                  init_weights: dict | None = None):
@@ -92,12 +71,17 @@ class Trainer:
         (keys of VWorldModel.state_dict; the encoder's may be absent)."""
         self.cfg = cfg
         self.run_dir = Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        for stale in remove_stale_temp_files(self.run_dir / "checkpoints"):
-            log.warning("removed %s, left by an interrupted checkpoint write", stale)
+        self.dist = distributed.current()
         t = cfg.training
+        if t.batch_size % self.dist.world_size:
+            raise ConfigError(f"training.batch_size = {t.batch_size} is the global batch and must be divisible by the "
+                              f"{self.dist.world_size} processes; choose a multiple of {self.dist.world_size}")
+        if self.dist.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            for stale in remove_stale_temp_files(self.run_dir / "checkpoints"):
+                log.warning("removed %s, left by an interrupted checkpoint write", stale)
         torch.manual_seed(t.seed)
-        self.device = pick_device(t.device)
+        self.device = pick_device(t.device, self.dist.local_rank)
         self.dtype = torch.bfloat16 if t.dtype == "bf16" else torch.float32
 
         # data: statistics come from the checkpoint when resuming, so evaluation sees the same scale
@@ -105,34 +89,56 @@ class Trainer:
         self.data = build_data(cfg.data, stats=stats)
         log.info("data: %d training / %d validation episodes, %d / %d samples",
                  len(self.data.train_ids), len(self.data.val_ids), len(self.data.train), len(self.data.val))
+        self.fingerprints = {"dataset": fingerprint.dataset_fingerprint(self.data.dataset)}
+        if checkpoint:  # the dataset first: before the model is built
+            self._check_fingerprints(checkpoint, "dataset")
 
         # model and optimisers
         self.model = build_world_model(cfg.model, cfg.data).to(self.device)
         self.optimizers = build_optimizers(self.model, cfg.optim)
-        self.step = self.epoch = self.batch_in_epoch = 0
+        self.step = self.epoch = self.batch_in_epoch = self.nonfinite_skips = 0
+        if cfg.model.encoder_weights:  # before a checkpoint is loaded: of the weights file given now
+            self.fingerprints["encoder"] = fingerprint.weights_fingerprint(self.model.encoder)
         if init_weights is not None:
             self._load_model_weights(init_weights)
         if checkpoint:
             self._load_state(checkpoint)
+        if "encoder" not in self.fingerprints:  # a random encoder, or the one the checkpoint stored
+            self.fingerprints["encoder"] = fingerprint.weights_fingerprint(self.model.encoder)
+        if checkpoint:
+            self._check_fingerprints(checkpoint, "encoder")
         if t.compile:  # Module.compile keeps the state-dict keys (no "_orig_mod." prefix)
             self.model.predictor.compile()
             self.model.decoder.compile()
+        # DDP averages the gradients of whatever trainable parameters the model has (rank 0's weights
+        # are broadcast at construction); validation and rollouts use self.model directly
+        self.train_model = self.model
+        if self.dist.enabled:
+            self.train_model = DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
         self.cache = None
         if t.feature_cache:
             self.cache = FeatureCache(self.model, self.data.dataset.frames, cfg.data.img_size, self.device,
-                                      self.dtype, progress=cfg.logging.progress_bar)
+                                      self.dtype, progress=cfg.logging.progress_bar and self.dist.main,
+                                      rank=self.dist.rank, world_size=self.dist.world_size)
 
         drop_last = len(self.data.train) >= t.batch_size
+        if self.dist.enabled and not drop_last:  # a partial global batch would give ranks unequal shares
+            raise ConfigError(f"training.batch_size = {t.batch_size}: the training split has only "
+                              f"{len(self.data.train)} samples, less than one global batch; lower the batch or add episodes")
+        shard = {"rank": self.dist.rank, "world_size": self.dist.world_size}
         self.train_loader = make_loader(self.data.train, t.batch_size, shuffle=True, seed=t.seed,
                                         drop_last=drop_last, num_workers=cfg.data.num_workers,
-                                        pin_memory=self.device.type == "cuda")
+                                        pin_memory=self.device.type == "cuda", **shard)
         self.val_loader = make_loader(self.data.val, t.batch_size, shuffle=False, seed=t.seed, drop_last=False,
-                                      num_workers=0, pin_memory=self.device.type == "cuda")
+                                      num_workers=0, pin_memory=self.device.type == "cuda", **shard)
         self.sink = MetricSink(self.run_dir, cfg.to_dict(), cfg.logging.tensorboard, cfg.logging.wandb,
-                               cfg.logging.wandb_project)
-        if checkpoint:  # last, so that nothing after it draws random numbers
-            restore_rng_state(checkpoint["rng"])
+                               cfg.logging.wandb_project, enabled=self.dist.main,
+                               resume_step=self.step if checkpoint else None)
+        self.watchdog = HangWatchdog(0, self.run_dir / "train.log")  # the real one watches fit()
+        # last, so that nothing after it draws random numbers; ranks > 0 draw their own dropout masks
+        self._restore_rng(checkpoint)
 
     # ------------------------------------------------------------------------------------------
     # one step
@@ -153,12 +159,28 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
 
     def train_step(self, batch: dict, decode_prediction: bool) -> dict:
-        self.model.train()
+        """One optimiser step on this rank's shard of a global batch. A non-finite loss or gradient (on any
+        rank) skips the update on every rank; out["nonfinite"] then names what was non-finite."""
+        self.train_model.train()
         with self._autocast():
-            out = self.model(**self._inputs(batch), decode_prediction=decode_prediction)
+            out = self.train_model(**self._inputs(batch), decode_prediction=decode_prediction)
         out["loss"].backward()
+        # one device-side check (the loss and the largest |gradient|), read once: the only host sync it adds;
+        # the gradients are already averaged over ranks, the loss is agreed on by any_rank
+        grads = [p.grad for opt in self.optimizers.values() for g in opt.param_groups for p in g["params"]
+                 if p.grad is not None]
+        max_grad = torch.nn.utils.get_total_norm(grads, norm_type=float("inf"))
+        finite = bool(torch.isfinite(out["loss"].detach()) & torch.isfinite(max_grad))
+        if distributed.any_rank(not finite):  # rare: name the culprits (a gather over ranks only here)
+            bad = [k for k, v in out.items() if k.endswith("loss") and not torch.isfinite(v).all()]
+            bad += [] if torch.isfinite(max_grad) else ["gradients"]
+            named = distributed.all_gather_objects(bad)
+            out["nonfinite"] = sorted({name + (f" (rank {r})" if self.dist.enabled else "")
+                                       for r, names in enumerate(named) for name in names})
+        else:
+            for opt in self.optimizers.values():
+                opt.step()
         for opt in self.optimizers.values():
-            opt.step()
             opt.zero_grad(set_to_none=True)
         return out
 
@@ -171,12 +193,15 @@ class Trainer:
         total_steps = t.epochs * steps_per_epoch
         if t.max_steps:
             total_steps = min(total_steps, t.max_steps)
-        timer = StepTimer(self.device)
+        timer = StepTimer(self.device, devices=self.dist.world_size)
         window = LossWindow()  # losses since the last log
         last = {}
+        consecutive_skips = 0
         bar = tqdm(total=total_steps, initial=self.step, desc="train", unit="step",
-                   disable=not cfg.logging.progress_bar, dynamic_ncols=True)
-        with maybe_profile(cfg.profiling, self.run_dir) as profiler, StopOnInterrupt() as stop:
+                   disable=not (cfg.logging.progress_bar and self.dist.main), dynamic_ncols=True)
+        log_file = self.run_dir / ("train.log" if self.dist.main else f"train.rank{self.dist.rank}.log")
+        with maybe_profile(cfg.profiling, self.run_dir) as profiler, StopOnSignal() as stop, \
+                HangWatchdog(t.hang_timeout_s, log_file, self.dist.rank) as self.watchdog:
             while self.step < total_steps:
                 self.train_loader.batch_sampler.set_epoch(self.epoch, start_batch=self.batch_in_epoch)
                 for batch in self.train_loader:
@@ -185,26 +210,37 @@ class Trainer:
                     out = timer.run_step(lambda: self.train_step(batch, log_step), batch["obs"].shape[0])
                     self.step += 1
                     self.batch_in_epoch += 1
-                    timer.step_done(batch["obs"].shape[0])
+                    timer.step_done(batch["obs"].shape[0] * self.dist.world_size)  # samples of the global batch
+                    self.watchdog.beat()
                     if profiler is not None:
                         profiler.step()
-                    window.add(out)
+                    nonfinite = out.pop("nonfinite", None)
+                    if nonfinite is None:
+                        consecutive_skips = 0
+                        window.add(out)
+                    else:  # NaN never enters the logged means
+                        consecutive_skips += 1
+                        self.nonfinite_skips += 1
+                        self._on_nonfinite(nonfinite, consecutive_skips)
                     bar.update(1)
                     if log_step or self.step == total_steps:
-                        last = window.mean()
+                        # every rank's loss is the mean over an equal share: their mean is the global batch's
+                        last = distributed.mean_over_ranks(window.mean())
                         last.update(timer.summary())
                         last["epoch"] = self.epoch + self.batch_in_epoch / steps_per_epoch
+                        last["nonfinite_skips"] = self.nonfinite_skips
                         self.sink.write(self.step, "train", last)
-                        bar.set_postfix(loss=f"{last['loss']:.4f}", sps=f"{last['samples_per_s']:.1f}")
+                        if "loss" in last:
+                            bar.set_postfix(loss=f"{last['loss']:.4f}", sps=f"{last['samples_per_s']:.1f}")
                     if self.batch_in_epoch == steps_per_epoch:  # before a Ctrl-C save: never save "end of epoch, not done"
                         self._end_of_epoch(batch, out)
-                    if stop.requested:
+                    if distributed.any_rank(stop.requested):  # all ranks stop after the same step
                         bar.close()
                         path = self.save()
                         self.sink.close()
-                        log.warning("interrupted at step %d; checkpoint saved to %s; continue with: "
+                        log.warning("stopped at step %d by a signal; checkpoint saved to %s; continue with: "
                                     "python train.py --resume %s", self.step, path, self.run_dir)
-                        raise SystemExit(130)
+                        raise SystemExit(stop.exit_code)
                     if self.step >= total_steps:
                         break
         bar.close()
@@ -214,13 +250,27 @@ class Trainer:
         self.sink.close()
         return last
 
+    def _on_nonfinite(self, what: list[str], consecutive: int) -> None:
+        """A skipped update: warn; after training.max_nonfinite_steps in a row, stop without saving."""
+        limit = self.cfg.training.max_nonfinite_steps
+        log.warning("step %d: non-finite %s; update skipped (%d in a row; the run stops at %d)",
+                    self.step, ", ".join(what), consecutive, limit)
+        if consecutive >= limit:
+            self.sink.close()
+            latest = self.run_dir / "checkpoints" / "model_latest.pt"
+            kept = f"the last good checkpoint {latest} is intact" if latest.exists() else "no checkpoint was written"
+            raise NonFiniteError(f"step {self.step}: {consecutive} consecutive steps with non-finite values "
+                                 f"(training.max_nonfinite_steps = {limit}), last: {', '.join(what)}; stopped without "
+                                 f"saving ({kept}). Lower the learning rates (optim.*) or check the data, then resume "
+                                 f"with: python train.py --resume {self.run_dir} --optim.predictor_lr ...")
+
     def _end_of_epoch(self, batch: dict, out: dict) -> None:
         cfg = self.cfg
         self.epoch += 1
         self.batch_in_epoch = 0
         epoch = self.epoch
         images = epoch % cfg.logging.image_every_epochs == 0
-        if images:
+        if images and self.dist.main:
             self._save_grid(batch, out, self.run_dir / "train" / f"train_e{epoch:05d}.png")
         if epoch % cfg.eval.every_epochs == 0 or epoch == cfg.training.epochs:
             self.validate(images=images)
@@ -232,6 +282,8 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     @torch.no_grad()
     def validate(self, images: bool = True) -> dict:
+        """Loss sums over this rank's shard of the validation batches, added up over ranks; rollouts,
+        images and the record on rank 0 (the returned dict is complete there)."""
         self.model.eval()
         sums, count, first = defaultdict(float), 0, None
         for i, batch in enumerate(self.val_loader):
@@ -245,7 +297,17 @@ class Trainer:
                     sums[k] += float(v.detach()) * n
             count += n
             first = first or (batch, out)
+            self.watchdog.beat()
+        if self.dist.enabled:  # a rank may have had no batch at all: gather, not a fixed-size all-reduce
+            gathered = distributed.all_gather_objects((dict(sums), count))
+            sums, count = defaultdict(float), 0
+            for rank_sums, rank_count in gathered:
+                for k, v in rank_sums.items():
+                    sums[k] += v
+                count += rank_count
         results = {f"val_{k}": v / max(count, 1) for k, v in sums.items()}
+        if not self.dist.main:
+            return results
         results.update(self.rollout_metrics(images=images))
         self.sink.write(self.step, "val", results)
         if images and first is not None:
@@ -315,7 +377,8 @@ class Trainer:
             rows.append(torch.cat([torch.ones_like(truth[:pad]), pred]) if pad > 0 else pred)
         save_grid(rows, path)
 
-    def state(self) -> dict:
+    def state(self, rng: list) -> dict:
+        """rng: capture_rng_state() of every rank."""
         model_state = self.model.state_dict()
         if self.cfg.model.encoder_weights:  # reloaded from the weights file; no need to store 22M frozen params
             model_state = {k: v for k, v in model_state.items() if not k.startswith("encoder.")}
@@ -327,14 +390,22 @@ class Trainer:
             "config": self.cfg.to_dict(),
             "step": self.step,
             "epoch": self.epoch,
-            "batch_in_epoch": self.batch_in_epoch,
-            "rng": capture_rng_state(),
+            "batch_in_epoch": self.batch_in_epoch,  # global batches: the same position for any world size
+            "rng": rng[0],
+            "rank_rng": rng[1:],  # ranks > 0 draw their own dropout masks
+            "world_size": self.dist.world_size,
+            "nonfinite_skips": self.nonfinite_skips,
+            "fingerprints": self.fingerprints,
         }
 
     def save(self, keep_as: int | None = None) -> Path:
+        """Collective under torchrun (every rank's RNG state is gathered); rank 0 writes."""
         folder = self.run_dir / "checkpoints"
-        state = self.state()
         path = folder / "model_latest.pt"
+        rng = distributed.all_gather_objects(capture_rng_state())
+        if not self.dist.main:
+            return path
+        state = self.state(rng)
         atomic_save(state, path)
         if keep_as is not None:
             atomic_save(state, folder / f"model_{keep_as}.pt")
@@ -352,10 +423,48 @@ class Trainer:
             raise CheckpointError(f"the checkpoint's weights do not match the configured model: missing "
                              f"{missing[:5]}, unexpected {unexpected[:5]} (check model.* and data.* settings)")
 
+    # hyperparameters a resumed run may override (--optim.*): load_state_dict would restore the saved ones
+    OVERRIDABLE = ("lr", "weight_decay")
+
     def _load_state(self, ckpt: dict) -> None:
         self._load_model_weights(ckpt["model"])
         for name, opt in self.optimizers.items():
+            configured = [{k: g[k] for k in self.OVERRIDABLE if k in g} for g in opt.param_groups]
             opt.load_state_dict(ckpt["optimizers"][name])
+            for group, values in zip(opt.param_groups, configured):
+                for key, value in values.items():
+                    if group[key] != value:
+                        log.info("resume: %s optimiser %s %g -> %g (configured now)", name, key, group[key], value)
+                        group[key] = value
         self.step, self.epoch, self.batch_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]
+        self.nonfinite_skips = ckpt.get("nonfinite_skips", 0)
         log.info("resumed at step %d (epoch %d, batch %d)", self.step, self.epoch, self.batch_in_epoch)
+
+    def _check_fingerprints(self, ckpt: dict) -> None:
+        if "fingerprints" not in ckpt:
+            log.warning("resume: the checkpoint records no dataset/encoder fingerprints (written by an older "
+                        "version); cannot check that data.path and model.encoder_weights are the same as before")
+            return
+        try:
+            fingerprint.check(ckpt["fingerprints"], self.fingerprints, self.cfg.data.path,
+                              self.cfg.model.encoder_weights)
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
+
+    def _restore_rng(self, ckpt: dict | None) -> None:
+        """Every rank continues its own random stream; a rank the checkpoint has no stream for (another
+        world size, or a fresh run) starts a stream of its own from (seed, rank, step)."""
+        rank = self.dist.rank
+        if ckpt:
+            streams = [ckpt["rng"]] + list(ckpt.get("rank_rng", []))
+            same_world = ckpt.get("world_size", 1) == self.dist.world_size
+            if not same_world and rank == 0 and self.cfg.model.predictor_dropout > 0:
+                log.warning("resume with %d processes instead of %d: dropout masks are drawn per rank, so the "
+                            "continuation is not bit-identical to an uninterrupted run", self.dist.world_size,
+                            ckpt.get("world_size", 1))
+            if rank == 0 or same_world:
+                restore_rng_state(streams[rank])
+                return
+        if rank > 0:
+            torch.manual_seed(self.cfg.training.seed + 1_000_003 * rank + self.step)
 

@@ -147,16 +147,26 @@ class EpochBatchSampler(Sampler[list[int]]):
     `set_epoch(epoch, start_batch)` selects the epoch and skips its first `start_batch` batches, for an
     exact resume mid-epoch. After a full pass the epoch advances by itself (so the order changes even if
     nobody calls set_epoch). `len()` is always the number of batches of a whole epoch.
+
+    Several processes (rank of world_size): `batch_size` is the global batch; every rank computes the
+    same order and takes every world_size-th sample of each global batch, starting at its rank. The
+    position (epoch, global batches done) therefore means the same samples for any number of
+    processes, and a run resumes exactly with another world size. A rank whose share of a short last
+    batch is empty skips it.
     """
 
-    def __init__(self, num_samples: int, batch_size: int, shuffle: bool, seed: int, drop_last: bool):
+    def __init__(self, num_samples: int, batch_size: int, shuffle: bool, seed: int, drop_last: bool,
+                 rank: int = 0, world_size: int = 1):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside [0, {world_size})")
         self.num_samples = int(num_samples)
         self.batch_size = int(batch_size)
         self.shuffle = shuffle
         self.seed = int(seed)
         self.drop_last = drop_last
+        self.rank, self.world_size = rank, world_size
         self.epoch = 0
         self.start_batch = 0
 
@@ -183,7 +193,9 @@ class EpochBatchSampler(Sampler[list[int]]):
         epoch, start = self.epoch, self.start_batch
         order = self.order(epoch)
         for b in range(start, len(self)):
-            yield order[b * self.batch_size : (b + 1) * self.batch_size].tolist()
+            shard = order[b * self.batch_size : (b + 1) * self.batch_size][self.rank :: self.world_size]
+            if len(shard):
+                yield shard.tolist()
         self.epoch, self.start_batch = epoch + 1, 0
 
 
@@ -202,8 +214,9 @@ def _collate_batched(batch: dict) -> dict:
 
 def make_loader(windows: FrameWindows, batch_size: int, shuffle: bool, seed: int, drop_last: bool,
                 num_workers: int = 0, pin_memory: bool = False, timeout: float = 600.0,
-                multiprocessing_context: str = "spawn") -> DataLoader:
-    """A DataLoader over `windows` with an EpochBatchSampler (as `loader.batch_sampler`).
+                multiprocessing_context: str = "spawn", rank: int = 0, world_size: int = 1) -> DataLoader:
+    """A DataLoader over `windows` with an EpochBatchSampler (as `loader.batch_sampler`); with world_size > 1
+    it yields this rank's shard of each global batch of `batch_size`.
 
     With num_workers > 0 the data is first moved to shared memory and workers are started with the
     "spawn" method (a fresh interpreter: no locks or threads inherited from the trainer; the script
@@ -215,7 +228,7 @@ def make_loader(windows: FrameWindows, batch_size: int, shuffle: bool, seed: int
     The loader has its own generator: a DataLoader iterator otherwise draws its base seed from the
     global torch RNG, which would shift dropout masks whenever an iterator is created (exact resume).
     """
-    sampler = EpochBatchSampler(len(windows), batch_size, shuffle, seed, drop_last)
+    sampler = EpochBatchSampler(len(windows), batch_size, shuffle, seed, drop_last, rank, world_size)
     generator = torch.Generator().manual_seed(seed)
     if num_workers <= 0:
         return DataLoader(windows, batch_sampler=sampler, collate_fn=_collate_batched, pin_memory=pin_memory,
