@@ -42,10 +42,11 @@ def weights_fingerprint(module: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def check(saved: dict, current: dict, data_path: str, encoder_path: str) -> None:
-    """Raise ValueError (one line: what differs and what to do) unless the fingerprints agree."""
+def check(what: str, saved: dict, current: dict, data_path: str, encoder_path: str) -> None:
+    """Raise ValueError (one line: what differs and what to do) unless fingerprint `what` ("dataset" or
+    "encoder") agrees."""
     old, new = saved["dataset"], current["dataset"]
-    if old != new:
+    if what == "dataset" and old != new:
         if old["episodes"] != new["episodes"]:
             what = f"{new['episodes']} episodes instead of {old['episodes']}"
         elif old["seq_lengths"] != new["seq_lengths"]:
@@ -54,7 +55,7 @@ def check(saved: dict, current: dict, data_path: str, encoder_path: str) -> None
             what = "other states or actions"
         raise ValueError(f"--resume: data.path {data_path!r} holds {what} than the dataset this run was trained "
                          f"on; resume with the original dataset, or start a new run from the checkpoint with --init-from")
-    if saved["encoder"] != current["encoder"]:
+    if what == "encoder" and saved["encoder"] != current["encoder"]:
         source = f"model.encoder_weights {encoder_path!r}" if encoder_path else "the randomly initialised encoder"
         raise ValueError(f"--resume: {source} differs from the encoder this run was trained with (weights sha256 "
                          f"{current['encoder'][:12]}... instead of {saved['encoder'][:12]}...); give the original "

@@ -440,13 +440,14 @@ class Trainer:
         self.nonfinite_skips = ckpt.get("nonfinite_skips", 0)
         log.info("resumed at step %d (epoch %d, batch %d)", self.step, self.epoch, self.batch_in_epoch)
 
-    def _check_fingerprints(self, ckpt: dict) -> None:
+    def _check_fingerprints(self, ckpt: dict, what: str) -> None:
         if "fingerprints" not in ckpt:
-            log.warning("resume: the checkpoint records no dataset/encoder fingerprints (written by an older "
-                        "version); cannot check that data.path and model.encoder_weights are the same as before")
+            if what == "dataset":  # warn once
+                log.warning("resume: the checkpoint records no dataset/encoder fingerprints (written by an older "
+                            "version); cannot check that data.path and model.encoder_weights are the same as before")
             return
         try:
-            fingerprint.check(ckpt["fingerprints"], self.fingerprints, self.cfg.data.path,
+            fingerprint.check(what, ckpt["fingerprints"], self.fingerprints, self.cfg.data.path,
                               self.cfg.model.encoder_weights)
         except ValueError as e:
             raise CheckpointError(str(e)) from None
