@@ -111,11 +111,13 @@ class Trainer:
             self.model.predictor.compile()
             self.model.decoder.compile()
         # DDP averages the gradients of whatever trainable parameters the model has (rank 0's weights
-        # are broadcast at construction); validation and rollouts use self.model directly
+        # and buffers are broadcast at construction; no buffer changes while training, so no broadcast per
+        # step); validation and rollouts use self.model directly
         self.train_model = self.model
         if self.dist.enabled:
             self.train_model = DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                broadcast_buffers=False)
 
         self.cache = None
         if t.feature_cache:
