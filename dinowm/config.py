@@ -77,6 +77,11 @@ class ModelConfig:
     predictor_dropout: float = 0.1
     """Dropout on attention probabilities, attention output and MLP (docs/contract.md §5)."""
     predictor_emb_dropout: float = 0.0
+    predictor_pos_init_std: float = 1.0
+    """Std of the predictor's position-embedding init (1.0: N(0, 1) as the original; 0.02 starts near "copy")."""
+    predictor_zero_init_residual: bool = False
+    """Zero-init the last Linear of every predictor block's branches (each block starts as the identity);
+    false: PyTorch's default init, as the original."""
     attention_backend: str = "auto"
     """auto | triton | sdpa | flex | flash | xformers | reference (see kernels.dispatch)."""
     layernorm_linear_backend: str = "auto"
@@ -91,7 +96,7 @@ class TrainingConfig:
     epochs: int = 100
     batch_size: int = 32
     max_steps: int = 0
-    """Stop after this many optimiser steps in total (0: no cap)."""
+    """Train for exactly this many optimiser steps in total, however many epochs that takes (0: `epochs` decide)."""
     device: str = "auto"
     """auto | cpu | cuda | cuda:N."""
     dtype: str = "fp32"
@@ -123,10 +128,15 @@ class OptimConfig:
 class EvalConfig:
     every_epochs: int = 1
     """Validate every N epochs (and at the end of training)."""
+    every_steps: int = 0
+    """Also validate every N optimiser steps (0: only at epoch ends)."""
     max_batches: int = 0
-    """Validation batches per evaluation (0: the whole validation split)."""
-    rollout_episodes: int = 2
-    """Validation episodes used for the open-loop rollout metrics."""
+    """Validation batches per evaluation (0: the whole validation split); > 0: a seeded random subset of
+    max_batches * batch_size windows drawn across the whole split, the same at every validation."""
+    rollout_episodes: int = 0
+    """Validation episodes the open-loop rollout windows are drawn from (0: all)."""
+    rollout_samples: int = 64
+    """Rollout windows (start points) per evaluation, a seeded random subset across those episodes (0: all)."""
     rollout_horizon: int = 5
     """Predicted steps of the open-loop rollout."""
 
@@ -135,8 +145,12 @@ class EvalConfig:
 class CheckpointConfig:
     every_epochs: int = 1
     """Write model_latest.pt (and model_<epoch>.pt) every N epochs; also at the end and on Ctrl-C."""
+    every_steps: int = 0
+    """Also write a checkpoint every N optimiser steps (model_latest.pt and model_step<N>.pt; 0: only per epoch)."""
     keep_epochs: bool = True
-    """Also keep a numbered copy per epoch (model_<epoch>.pt)."""
+    """Also keep numbered copies (model_<epoch>.pt, model_step<N>.pt)."""
+    keep_last: int = 3
+    """Numbered copies kept: the newest K (older ones are deleted; 0: keep all)."""
 
 
 @dataclass
@@ -206,7 +220,8 @@ class Config:
                     "logging.image_every_epochs", "profiling.active"):
             _check(self._get(key) >= 1, key, self._get(key), "must be >= 1")
         for key in ("data.demo_episodes", "data.num_workers", "eval.max_batches", "eval.rollout_episodes",
-                    "eval.rollout_horizon", "profiling.wait", "profiling.warmup"):
+                    "eval.rollout_horizon", "eval.rollout_samples", "eval.every_steps", "checkpoint.every_steps",
+                    "checkpoint.keep_last", "profiling.wait", "profiling.warmup"):
             _check(self._get(key) >= 0, key, self._get(key), "must be >= 0")
         for key in ("optim.predictor_lr", "optim.embedding_lr", "optim.decoder_lr"):
             _check(self._get(key) > 0, key, self._get(key), "must be > 0")
@@ -214,6 +229,7 @@ class Config:
             _check(self._get(key) >= 0, key, self._get(key), "must be >= 0")
         _check(0.0 <= m.predictor_emb_dropout < 1.0, "model.predictor_emb_dropout", m.predictor_emb_dropout,
                "must be in [0, 1)")
+        _check(m.predictor_pos_init_std >= 0, "model.predictor_pos_init_std", m.predictor_pos_init_std, "must be >= 0")
         _check(m.encoder_image_size >= 14, "model.encoder_image_size", m.encoder_image_size, "must be >= 14")
         return self
 

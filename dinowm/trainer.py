@@ -4,9 +4,14 @@ A run folder holds:
 
     config.toml             the resolved configuration
     metrics.jsonl           one JSON record per logging step / validation (split: train | val | rollout)
-    checkpoints/            model_latest.pt (+ model_<epoch>.pt), written atomically
-    train/ valid/           PNG grids: ground truth | reconstruction | prediction
-    rollout/                PNG grids: ground truth vs open-loop rollout
+    checkpoints/            model_latest.pt (+ the newest checkpoint.keep_last of model_<epoch>.pt /
+                            model_step<N>.pt), written atomically
+    train/ valid/           labelled PNG grids: ground truth | reconstruction | prediction
+    rollout/                labelled PNG grids: ground truth | open-loop rollout | copy-last
+
+Every validation also logs the copy-last-frame baseline (the last context frame repeated) on the same
+samples (`val_copy_last_z_visual_loss`, `rollout_h<h>_copy_last_z_visual_err`, and their ratios), so a
+run shows at a glance whether it predicts better than doing nothing.
     profile/                torch.profiler traces (when profiling.enabled)
 """
 from __future__ import annotations
@@ -17,6 +22,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
@@ -31,9 +37,10 @@ from dinowm.checkpoint import (
     restore_rng_state,
 )
 from dinowm.config import Config, ConfigError
-from dinowm.data import DatasetError, FeatureCache, FrameWindows, build_data, make_loader, preprocess_images
+from dinowm.data import FeatureCache, FrameWindows, build_data, make_loader, preprocess_images
 from dinowm.data.normalize import NormStats
-from dinowm.metrics import LossWindow, MetricSink, StepTimer, maybe_profile, psnr, ssim
+from dinowm.eval import HorizonAverages, horizon_errors, sample_indices
+from dinowm.metrics import LossWindow, MetricSink, StepTimer, maybe_profile
 from dinowm.models.world_model import build_world_model
 from dinowm.resilience import HangWatchdog, NonFiniteError, StopOnSignal
 from dinowm.visualize import save_grid
@@ -133,8 +140,14 @@ class Trainer:
         self.train_loader = make_loader(self.data.train, t.batch_size, shuffle=True, seed=t.seed,
                                         drop_last=drop_last, num_workers=cfg.data.num_workers,
                                         pin_memory=self.device.type == "cuda", **shard)
-        self.val_loader = make_loader(self.data.val, t.batch_size, shuffle=False, seed=t.seed, drop_last=False,
-                                      num_workers=0, pin_memory=self.device.type == "cuda", **shard)
+        # validation: the whole split, or a seeded random subset across all of it (the same every time);
+        # under torchrun each rank takes every world_size-th batch of it
+        e = cfg.eval
+        self.val_indices = sample_indices(len(self.data.val), e.max_batches * t.batch_size, t.seed)
+        self.rollout_windows = self._rollout_windows()
+        self.rollout_indices = (sample_indices(len(self.rollout_windows), e.rollout_samples, t.seed)
+                                if self.rollout_windows is not None else None)
+        self._validated_at = None
         self.sink = MetricSink(self.run_dir, cfg.to_dict(), cfg.logging.tensorboard, cfg.logging.wandb,
                                cfg.logging.wandb_project, enabled=self.dist.main,
                                resume_step=self.step if checkpoint else None)
@@ -192,9 +205,7 @@ class Trainer:
     def fit(self) -> dict:
         cfg, t = self.cfg, self.cfg.training
         steps_per_epoch = len(self.train_loader)
-        total_steps = t.epochs * steps_per_epoch
-        if t.max_steps:
-            total_steps = min(total_steps, t.max_steps)
+        total_steps = t.max_steps or t.epochs * steps_per_epoch  # max_steps wins, past `epochs` if need be
         timer = StepTimer(self.device, devices=self.dist.world_size)
         window = LossWindow()  # losses since the last log
         last = {}
@@ -236,6 +247,10 @@ class Trainer:
                             bar.set_postfix(loss=f"{last['loss']:.4f}", sps=f"{last['samples_per_s']:.1f}")
                     if self.batch_in_epoch == steps_per_epoch:  # before a Ctrl-C save: never save "end of epoch, not done"
                         self._end_of_epoch(batch, out)
+                    if cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0 and self._validated_at != self.step:
+                        self.validate(images=False)
+                    if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0:
+                        self.save(keep_as=f"step{self.step}" if cfg.checkpoint.keep_epochs else None)
                     if distributed.any_rank(stop.requested):  # all ranks stop after the same step
                         bar.close()
                         path = self.save()
@@ -246,7 +261,7 @@ class Trainer:
                     if self.step >= total_steps:
                         break
         bar.close()
-        if self.batch_in_epoch:  # stopped mid-epoch by max_steps: validate, keep the position
+        if self._validated_at != self.step:  # e.g. stopped mid-epoch by max_steps: validate, keep the position
             last.update(self.validate(images=False))
         self.save()
         self.sink.close()
@@ -287,12 +302,20 @@ class Trainer:
         """Loss sums over this rank's shard of the validation batches, added up over ranks; rollouts,
         images and the record on rank 0 (the returned dict is complete there)."""
         self.model.eval()
+        self._validated_at = self.step
         sums, count, first = defaultdict(float), 0, None
-        for i, batch in enumerate(self.val_loader):
-            if self.cfg.eval.max_batches and i >= self.cfg.eval.max_batches:
-                break
+        n_pred, bs = self.cfg.data.num_pred, self.cfg.training.batch_size
+        for i, start in enumerate(range(0, len(self.val_indices), bs)):
+            if i % self.dist.world_size != self.dist.rank:
+                continue
+            batch = self.data.val.batch(self.val_indices[start:start + bs])
+            inputs = self._inputs(batch)
+            if "visual" not in inputs:
+                inputs["visual"] = self.model.encode_visual(inputs["obs"])
             with self._autocast():
-                out = self.model(**self._inputs(batch), decode_prediction=True)
+                out = self.model(**inputs, decode_prediction=True)
+            visual = inputs["visual"].float()
+            out["copy_last_z_visual_loss"] = F.mse_loss(visual[:, :-n_pred], visual[:, n_pred:])  # frame f as f + num_pred
             n = batch["obs"].shape[0]
             for k, v in out.items():
                 if k.endswith("loss"):
@@ -308,6 +331,9 @@ class Trainer:
                     sums[k] += v
                 count += rank_count
         results = {f"val_{k}": v / max(count, 1) for k, v in sums.items()}
+        if count:
+            results["val_z_visual_ratio_to_copy_last"] = (results["val_z_visual_loss"]
+                                                          / max(results["val_copy_last_z_visual_loss"], 1e-12))
         if not self.dist.main:
             return results
         results.update(self.rollout_metrics(images=images))
@@ -318,51 +344,63 @@ class Trainer:
                  ", ".join(f"{k} {v:.4f}" for k, v in results.items() if not k.startswith("rollout_h")))
         return results
 
+    def _rollout_windows(self) -> FrameWindows | None:
+        """Windows of num_hist + rollout_horizon frames of the validation episodes (None: too short / none)."""
+        cfg = self.cfg
+        episodes = self.data.val_ids[: cfg.eval.rollout_episodes or None]
+        if not episodes or cfg.eval.rollout_horizon < 1:
+            return None
+        with warnings.catch_warnings():  # episodes too short for this horizon are simply not rolled out
+            warnings.simplefilter("ignore")
+            windows = FrameWindows(self.data.dataset, episodes, num_frames=cfg.data.num_hist + cfg.eval.rollout_horizon,
+                                   frameskip=cfg.data.frameskip, stats=self.data.stats,
+                                   proprio_slice=self.data.proprio_slice, allow_empty=True)
+        if len(windows) == 0:
+            log.warning("validation episodes are too short for a rollout of %d steps; no rollout metrics",
+                        cfg.eval.rollout_horizon)
+            return None
+        return windows
+
     @torch.no_grad()
     def rollout_metrics(self, images: bool = True) -> dict:
-        """Open-loop rollouts (docs/contract.md §8) from the start of a few validation episodes.
+        """Open-loop rollouts (docs/contract.md §8) from eval.rollout_samples start points across the validation episodes.
 
-        Per horizon h: latent MSE of the visual and proprio channels, PSNR and SSIM of decoded frames.
+        Per horizon h, for the model and the copy-last-frame baseline: latent MSE of the visual and proprio
+        channels, PSNR and SSIM of decoded frames (see dinowm.eval.horizon_errors).
         """
-        cfg = self.cfg
-        num_hist, horizon = cfg.data.num_hist, cfg.eval.rollout_horizon
-        episodes = self.data.val_ids[: cfg.eval.rollout_episodes]
-        if not episodes or horizon < 1:
+        if self.rollout_windows is None:
             return {}
-        try:
-            with warnings.catch_warnings():  # episodes too short for this horizon are simply not rolled out
-                warnings.simplefilter("ignore")
-                windows = FrameWindows(self.data.dataset, episodes, num_frames=num_hist + horizon,
-                                       frameskip=cfg.data.frameskip, stats=self.data.stats,
-                                       proprio_slice=self.data.proprio_slice)
-        except DatasetError:
-            log.warning("validation episodes are too short for a rollout of %d steps; no rollout metrics", horizon)
-            return {}
-        batch = windows.batch(torch.nonzero(windows.sample_start == 0)[:, 0])  # each episode from its start
-        inputs = self._inputs(batch)
+        num_hist, horizon = self.cfg.data.num_hist, self.cfg.eval.rollout_horizon
         self.model.eval()
-        with self._autocast():
-            visual = inputs.get("visual")
-            if visual is None:
-                visual = self.model.encode_visual(inputs["obs"])
-            truth = self.model.embed(visual, inputs["proprio"], inputs["action"])  # (B, T, P, 404)
-            rolled = self.model.rollout(inputs["obs"][:, :num_hist], inputs["proprio"][:, :num_hist],
-                                        inputs["action"], visual0=visual[:, :num_hist])["z"]
-            decoded = self.model.decode(rolled[:, num_hist:], size=inputs["obs"].shape[-1])  # (B, H, 3, S, S)
-        pred_visual, pred_proprio, _ = self.model.split(rolled.float())
-        true_visual, true_proprio, _ = self.model.split(truth.float())
+        averages, shown = HorizonAverages(), None
+        for start in range(0, len(self.rollout_indices), self.cfg.training.batch_size):
+            batch = self.rollout_windows.batch(self.rollout_indices[start:start + self.cfg.training.batch_size])
+            inputs = self._inputs(batch)
+            with self._autocast():
+                errors = horizon_errors(self.model, inputs["obs"], inputs["proprio"], inputs["action"],
+                                        visual=inputs.get("visual"))
+            averages.add(errors)
+            if shown is None:
+                shown = (inputs["obs"][0], errors["decoded"][0])
+        means = averages.means()
         results = {}
-        for h in range(horizon):
-            t, target = num_hist + h, inputs["obs"][:, num_hist + h]
-            results[f"rollout_h{h + 1}_z_visual_err"] = float((pred_visual[:, t] - true_visual[:, t]).pow(2).mean())
-            results[f"rollout_h{h + 1}_z_proprio_err"] = float((pred_proprio[:, t] - true_proprio[:, t]).pow(2).mean())
-            results[f"rollout_h{h + 1}_psnr"] = float(psnr(decoded[:, h], target).mean())
-            results[f"rollout_h{h + 1}_ssim"] = float(ssim(decoded[:, h], target).mean())
-        for key in ("z_visual_err", "z_proprio_err", "psnr", "ssim"):
-            results[f"rollout_{key}"] = sum(results[f"rollout_h{h + 1}_{key}"] for h in range(horizon)) / horizon
+        for name, prefix in (("model", "rollout"), ("copy_last", "rollout_copy_last")):
+            for key, values in means[name].items():
+                key = {"z_visual_mse": "z_visual_err", "z_proprio_mse": "z_proprio_err"}.get(key, key)
+                for h, v in enumerate(values):
+                    results[f"{prefix.replace('rollout', f'rollout_h{h + 1}')}_{key}"] = v
+                results[f"{prefix}_{key}"] = sum(values) / horizon
+        for h in range(1, horizon + 1):
+            results[f"rollout_h{h}_ratio_to_copy_last"] = (results[f"rollout_h{h}_z_visual_err"]
+                                                           / max(results[f"rollout_h{h}_copy_last_z_visual_err"], 1e-12))
         if images:
-            save_grid([inputs["obs"][0], torch.cat([inputs["obs"][0, :num_hist], decoded[0].float()])],
-                      self.run_dir / "rollout" / f"rollout_e{self.epoch:05d}.png")
+            obs, decoded = shown
+            blank = torch.ones_like(obs[:num_hist])
+            save_grid([obs, torch.cat([blank, decoded.float()]),
+                       torch.cat([blank, obs[num_hist - 1:num_hist].expand(horizon, -1, -1, -1)])],
+                      self.run_dir / "rollout" / f"rollout_e{self.epoch:05d}.png",
+                      ["ground truth", "rollout", "copy-last"], _frame_labels(num_hist, horizon),
+                      title=f"open-loop rollout, epoch {self.epoch} step {self.step}")
         return results
 
     # ------------------------------------------------------------------------------------------
@@ -372,12 +410,15 @@ class Trainer:
     def _save_grid(self, batch: dict, out: dict, path: Path) -> None:
         """Rows: ground truth | reconstruction | prediction (target frames) of the first sample."""
         truth = preprocess_images(batch["obs"][0], self.cfg.data.img_size)  # (T, 3, S, S)
-        rows = [truth, out["recon"][0].float()]
+        rows, labels = [truth, out["recon"][0].float()], ["ground truth", "reconstruction"]
         if "pred_image" in out:
             pred = out["pred_image"][0].float()
             pad = truth.shape[0] - pred.shape[0]  # predictions start at frame num_pred
             rows.append(torch.cat([torch.ones_like(truth[:pad]), pred]) if pad > 0 else pred)
-        save_grid(rows, path)
+            labels.append("prediction")
+        fs = self.cfg.data.frameskip
+        save_grid(rows, path, labels, [f"frame {k} (t+{k * fs})" for k in range(truth.shape[0])],
+                  title=f"{path.parent.name}: epoch {self.epoch} step {self.step}")
 
     def state(self, rng: list) -> dict:
         """rng: capture_rng_state() of every rank."""
@@ -411,7 +452,18 @@ class Trainer:
         atomic_save(state, path)
         if keep_as is not None:
             atomic_save(state, folder / f"model_{keep_as}.pt")
+            self._prune_checkpoints(folder)
         return path
+
+    def _prune_checkpoints(self, folder: Path) -> None:
+        """Keep the newest checkpoint.keep_last numbered copies (by training step); model_latest.pt always stays."""
+        keep = self.cfg.checkpoint.keep_last
+        numbered = [p for p in folder.glob("model_*.pt") if p.name != "model_latest.pt"]
+        if not keep or len(numbered) <= keep:
+            return
+        numbered.sort(key=lambda p: p.stat().st_mtime_ns)
+        for p in numbered[:-keep]:
+            p.unlink(missing_ok=True)
 
     def _load_model_weights(self, weights: dict) -> None:
         """Load model weights; the frozen encoder's may be absent (it comes from model.encoder_weights)."""
@@ -471,3 +523,8 @@ class Trainer:
         if rank > 0:
             torch.manual_seed(self.cfg.training.seed + 1_000_003 * rank + self.step)
 
+
+def _frame_labels(num_hist: int, horizon: int) -> list[str]:
+    """Column labels of a rollout grid: context frames t-k .. t, then h = 1..horizon."""
+    return [f"t-{num_hist - 1 - j}" if j < num_hist - 1 else "t" for j in range(num_hist)] + \
+        [f"h={h}" for h in range(1, horizon + 1)]

@@ -155,7 +155,6 @@ class VWorldModel(nn.Module):
     # ------------------------------------------------------------------------------------------
     # open-loop rollout (docs/contract.md §8)
     # ------------------------------------------------------------------------------------------
-    @torch.no_grad()
     def rollout(self, obs0: torch.Tensor, proprio0: torch.Tensor, actions: torch.Tensor,
                 visual0: torch.Tensor | None = None) -> dict:
         """obs0 (B, num_hist, 3, S, S), proprio0 (B, num_hist, Dp), actions (B, num_hist + H, Da)
@@ -165,6 +164,8 @@ class VWorldModel(nn.Module):
         its action part with the embedding of the next real action. Decode with `decode(z, size)`.
         The last action is embedded into the last latent but not rolled past (the original predicts once
         more after it): every returned latent has a ground-truth frame to compare with.
+        Differentiable with respect to the actions (gradient-based planning); wrap in `torch.no_grad()`
+        for evaluation.
         """
         h0 = obs0.shape[1] if visual0 is None else visual0.shape[1]
         if visual0 is None:
@@ -203,6 +204,7 @@ def build_world_model(model_cfg, data_cfg, action_dim: int = 9) -> VWorldModel:
         heads=model_cfg.predictor_heads, dim_head=model_cfg.predictor_dim_head, mlp_dim=model_cfg.predictor_mlp_dim,
         dropout=model_cfg.predictor_dropout, emb_dropout=model_cfg.predictor_emb_dropout,
         attention_backend=model_cfg.attention_backend, layernorm_linear_backend=model_cfg.layernorm_linear_backend,
+        pos_init_std=model_cfg.predictor_pos_init_std, zero_init_residual=model_cfg.predictor_zero_init_residual,
     )
     decoder = VQVAEDecoder(emb_dim=visual_dim)
     return VWorldModel(encoder, proprio_encoder, action_encoder, predictor, decoder,
