@@ -1,0 +1,258 @@
+"""Planning with a world model: choose actions whose predicted future matches a goal image.
+
+The objective of a candidate action sequence a (H model steps, each 9 * frameskip normalised values):
+
+    z = rollout(context frames, [executed context actions, a, 0])      the final 0 only fills the last
+                                                                        latent's action slot (never rolled)
+    cost(a) = MSE(visual(z_last), visual(z_goal)) + proprio_weight * MSE(proprio(z_last), proprio(z_goal))
+
+with z_goal the latent of the goal image (and goal proprio). Two optimisers of the cost:
+
+- CEM (cross-entropy method): sample `samples` sequences from N(mu, sigma), keep the `elites` cheapest,
+  refit mu, sigma to them; `iterations` times. All candidates are rolled out as one batch (in chunks
+  of `chunk` when memory is short). mu starts at 0 (the dataset's mean action) or at a warm start.
+- GD: Adam on the action sequence itself through the differentiable rollout, from `restarts` starting
+  points at once (the warm start and random draws); the cheapest final sequence wins.
+
+Actions live in the model's normalised space and are clamped to +-`action_clip` standard deviations.
+With `hold` the planner optimises one 9-dim action per model step and repeats it over the frameskip
+steps it spans (a joint target held for frameskip frames: 9 instead of 9 * frameskip unknowns per step).
+
+MPC (`mpc_episode`): plan H steps, execute the first `execute` of them, observe, re-plan (warm-started
+with the unexecuted rest of the last plan), until the step budget is spent. Every re-plan is timed.
+
+The model is only used through `dinowm.models.interface.WorldModel` (encode_visual / rollout / split).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from dinowm.models.interface import WorldModel, check_world_model, encode_frames
+
+
+class PlanError(ValueError):
+    """Planner inputs that do not fit the model (shapes, settings), phrased for the user."""
+
+
+@dataclass
+class PlannerSettings:
+    method: str = "cem"
+    """'cem' or 'gd'."""
+    horizon: int = 5
+    """Model steps planned ahead (each frameskip frames)."""
+    samples: int = 64
+    """CEM: candidate sequences per iteration."""
+    elites: int = 8
+    """CEM: cheapest candidates the distribution is refitted to."""
+    iterations: int = 5
+    """CEM iterations / GD steps."""
+    init_std: float = 1.0
+    """CEM: initial standard deviation (normalised action units); GD: spread of the random restarts."""
+    restarts: int = 4
+    """GD: sequences optimised at once (the first from the warm start)."""
+    lr: float = 0.1
+    """GD: Adam learning rate."""
+    proprio_weight: float = 0.0
+    """Weight of the proprio term of the cost (0: the goal image alone)."""
+    action_clip: float = 3.0
+    """Normalised actions are clamped to +- this many standard deviations of the dataset."""
+    hold: bool = True
+    """Optimise one raw action per model step, held over its frameskip steps."""
+    chunk: int = 0
+    """Candidates rolled out per batch (0: all at once)."""
+    seed: int = 0
+
+    def validate(self) -> "PlannerSettings":
+        if self.method not in ("cem", "gd"):
+            raise PlanError(f"planner method {self.method!r} is not one of 'cem', 'gd'")
+        for key in ("horizon", "samples", "elites", "iterations", "restarts"):
+            if getattr(self, key) < 1:
+                raise PlanError(f"planner {key} = {getattr(self, key)} must be >= 1")
+        if self.elites > self.samples:
+            raise PlanError(f"planner elites = {self.elites} must be <= samples = {self.samples}")
+        if self.init_std <= 0 or self.lr <= 0 or self.action_clip <= 0:
+            raise PlanError("planner init_std, lr and action_clip must be > 0")
+        if self.proprio_weight < 0 or self.chunk < 0:
+            raise PlanError("planner proprio_weight and chunk must be >= 0")
+        return self
+
+
+@dataclass
+class Context:
+    """What the planner knows at a re-plan: the last T0 <= num_hist observed frames and the actions
+    executed between them. obs (T0, 3, S, S) in [-1, 1], proprio (T0, Dp) normalised,
+    past_actions (T0 - 1, Da) normalised (the action after the last frame is what is planned)."""
+
+    obs: torch.Tensor
+    proprio: torch.Tensor
+    past_actions: torch.Tensor
+
+
+class GoalCost:
+    """cost(actions (N, H, Da)) -> (N,) for a fixed context and goal; `predict` gives the final latents."""
+
+    def __init__(self, model: WorldModel, context: Context, goal_obs: torch.Tensor, goal_proprio: torch.Tensor | None,
+                 action_dim: int, proprio_weight: float = 0.0):
+        self.model = check_world_model(model)
+        obs, proprio = context.obs, context.proprio
+        if obs.dim() != 4 or obs.shape[1] != 3:
+            raise PlanError(f"context frames must be (T, 3, S, S), got {tuple(obs.shape)}")
+        if goal_obs.shape != obs.shape[1:]:
+            raise PlanError(f"goal image has shape {tuple(goal_obs.shape)} but the model's frames are "
+                            f"{tuple(obs.shape[1:])} (3, img_size, img_size); resize the goal to the model's image size")
+        if context.past_actions.shape != (obs.shape[0] - 1, action_dim):
+            raise PlanError(f"context actions must be ({obs.shape[0] - 1}, {action_dim}), got "
+                            f"{tuple(context.past_actions.shape)}")
+        self.action_dim = action_dim
+        self.proprio_weight = proprio_weight
+        with torch.no_grad():
+            self.visual = model.encode_visual(obs[None])  # (1, T0, P, D)
+            blank = torch.zeros(1, 1, action_dim, device=obs.device)
+            goal_proprio = proprio[-1:] if goal_proprio is None else goal_proprio.reshape(1, -1)
+            goal_z = encode_frames(model, goal_obs[None, None], goal_proprio[None], blank)  # (1, 1, ...)
+            goal_visual, goal_prop, _ = model.split(goal_z.float())
+        self.goal_visual = goal_visual[:, 0]  # (1, P, D)
+        self.goal_proprio = None if goal_prop is None else goal_prop[:, 0]
+        if proprio_weight > 0 and self.goal_proprio is None:
+            raise PlanError("proprio_weight > 0 but this model's latents have no proprio part")
+        self.context = context
+
+    def predict(self, actions: torch.Tensor) -> torch.Tensor:
+        """actions (N, H, Da) -> final predicted latents (N, ...)."""
+        n = actions.shape[0]
+        c = self.context
+        past = c.past_actions[None].expand(n, -1, -1)
+        blank = torch.zeros(n, 1, self.action_dim, device=actions.device, dtype=actions.dtype)
+        full = torch.cat([past.to(actions.dtype), actions, blank], dim=1)  # (N, T0 - 1 + H + 1, Da)
+        t0 = c.obs.shape[0]
+        z = self.model.rollout(c.obs[None].expand(n, -1, -1, -1, -1), c.proprio[None].expand(n, -1, -1), full,
+                               visual0=self.visual.expand(n, *self.visual.shape[1:]))["z"]
+        assert z.shape[1] == t0 + actions.shape[1], "rollout must return the context plus one latent per action"
+        return z[:, -1]
+
+    def __call__(self, actions: torch.Tensor) -> torch.Tensor:
+        visual, proprio, _ = self.model.split(self.predict(actions)[:, None].float())
+        cost = (visual[:, 0] - self.goal_visual).pow(2).flatten(1).mean(1)
+        if self.proprio_weight > 0:
+            cost = cost + self.proprio_weight * (proprio[:, 0] - self.goal_proprio).pow(2).flatten(1).mean(1)
+        return cost
+
+
+def expand_hold(actions: torch.Tensor, frameskip: int) -> torch.Tensor:
+    """(N, H, 9) held actions -> (N, H, 9 * frameskip) (the same raw action at every skipped step)."""
+    return actions.repeat(1, 1, frameskip)
+
+
+class Planner:
+    """Optimises H-step action sequences (normalised, (H, Da)) for a GoalCost with CEM or GD."""
+
+    def __init__(self, settings: PlannerSettings, action_dim: int, frameskip: int, device="cpu",
+                 dtype: torch.dtype = torch.float32):
+        self.s = settings.validate()
+        self.action_dim = action_dim
+        self.frameskip = frameskip
+        if action_dim % frameskip:
+            raise PlanError(f"action dim {action_dim} is not a multiple of frameskip {frameskip}")
+        self.var_dim = action_dim // frameskip if settings.hold else action_dim
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.generator = torch.Generator(device="cpu").manual_seed(settings.seed)
+        self.latencies_ms: list[float] = []
+
+    def _full(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.clamp(-self.s.action_clip, self.s.action_clip)
+        return expand_hold(x, self.frameskip) if self.s.hold else x
+
+    def _randn(self, *shape) -> torch.Tensor:
+        return torch.randn(*shape, generator=self.generator).to(self.device)
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+
+    def _costs(self, cost: GoalCost, x: torch.Tensor) -> torch.Tensor:
+        chunk = self.s.chunk or x.shape[0]
+        with torch.no_grad(), self._autocast():
+            return torch.cat([cost(self._full(x[i:i + chunk])).float() for i in range(0, x.shape[0], chunk)])
+
+    def plan(self, cost: GoalCost, horizon: int | None = None, warm_start: torch.Tensor | None = None) -> dict:
+        """-> {"actions": (H, Da) normalised, "cost": float, "ms": latency of this re-plan, "trace": [cost/iter]}."""
+        h = horizon or self.s.horizon
+        mu = torch.zeros(h, self.var_dim, device=self.device)
+        if warm_start is not None:
+            k = min(h, warm_start.shape[0])
+            mu[:k] = warm_start[:k].to(self.device)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        t = time.perf_counter()
+        best, best_cost, trace = self._cem(cost, mu) if self.s.method == "cem" else self._gd(cost, mu)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        ms = (time.perf_counter() - t) * 1e3
+        self.latencies_ms.append(ms)
+        return {"actions": self._full(best[None])[0], "raw": best.clamp(-self.s.action_clip, self.s.action_clip),
+                "cost": best_cost, "ms": ms, "trace": trace}
+
+    def _cem(self, cost: GoalCost, mu: torch.Tensor):
+        s = self.s
+        sigma = torch.full_like(mu, s.init_std)
+        best, best_cost, trace = mu, float("inf"), []
+        for _ in range(s.iterations):
+            x = mu[None] + sigma[None] * self._randn(s.samples, *mu.shape)  # (N, H, d)
+            x[0] = mu  # the current mean is always a candidate
+            x = x.clamp(-s.action_clip, s.action_clip)
+            costs = self._costs(cost, x)  # (N,)
+            order = torch.argsort(costs)
+            elite = x[order[:s.elites]]
+            mu, sigma = elite.mean(0), elite.std(0, correction=0) + 1e-3
+            if float(costs[order[0]]) < best_cost:
+                best, best_cost = x[order[0]], float(costs[order[0]])
+            trace.append(best_cost)
+        return best, best_cost, trace
+
+    def _gd(self, cost: GoalCost, mu: torch.Tensor):
+        s = self.s
+        x = mu[None] + s.init_std * self._randn(s.restarts, *mu.shape)
+        x[0] = mu
+        x = x.clamp(-s.action_clip, s.action_clip).requires_grad_(True)
+        opt = torch.optim.Adam([x], lr=s.lr)
+        trace = []
+        for _ in range(s.iterations):
+            with self._autocast():
+                costs = cost(self._full(x)).float()  # (R,)
+            (grad,) = torch.autograd.grad(costs.sum(), x)  # only the actions: the model's parameters stay untouched
+            x.grad = grad
+            opt.step()
+            with torch.no_grad():
+                x.clamp_(-s.action_clip, s.action_clip)
+            trace.append(float(costs.detach().min()))
+        final = self._costs(cost, x.detach())
+        i = int(torch.argmin(final))
+        trace.append(float(final[i]))
+        return x.detach()[i], float(final[i]), trace
+
+
+def mpc_episode(planner: Planner, make_cost, execute_fn, steps: int, execute: int = 1) -> dict:
+    """Model-predictive control for `steps` model steps.
+
+    make_cost() -> GoalCost for the current observation; execute_fn(actions (k, Da) normalised) applies
+    them to the system (and records what the next make_cost sees). Each round plans
+    min(horizon, steps left) steps and executes the first min(execute, steps left).
+    Returns {"executed": (steps, Da), "plans": number of re-plans, "latency_ms": [...], "costs": [...]}.
+    """
+    if execute < 1:
+        raise PlanError(f"MPC execute = {execute} must be >= 1")
+    done, executed, costs, latency, warm = 0, [], [], [], None
+    while done < steps:
+        left = steps - done
+        result = planner.plan(make_cost(), horizon=min(planner.s.horizon, left), warm_start=warm)
+        k = min(execute, left)
+        execute_fn(result["actions"][:k])
+        executed.append(result["actions"][:k])
+        warm = result["raw"][k:]
+        done += k
+        costs.append(result["cost"])
+        latency.append(result["ms"])
+    return {"executed": torch.cat(executed), "plans": len(latency), "latency_ms": latency, "costs": costs}
