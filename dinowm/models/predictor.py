@@ -3,6 +3,7 @@ with a frame-block-causal mask.
 
     x: (B, F*P, dim), F <= num_frames frames of P = num_patches tokens each, frame-major
     x = x + pos_embedding[:, :F*P]                         learned, (1, num_frames*P, dim), N(0, 1) init
+                                                            (N(0, pos_init_std^2) as an option)
     x = dropout_emb(x)
     depth x:
         h = LN(x) @ W_qkv                                   (no bias; dim -> 3 * heads * dim_head)
@@ -10,6 +11,13 @@ with a frame-block-causal mask.
         x = x + dropout(a @ W_out + b_out)                  (heads * dim_head -> dim)
         x = x + dropout(W2 dropout(GELU(LN(x) @ W1 + b1)) + b2)
     x = LN(x)                                               (eps 1e-5)
+
+Initialisation: PyTorch's defaults and a N(0, 1) position embedding, as the original. Two options
+(off in franka.toml) start the predictor at "copy the input frame" instead, which on small data is the
+difference between learning the dynamics in minutes and first spending epochs learning to undo the
+random initialisation: `pos_init_std` (e.g. 0.02: the embedding no longer swamps the unit-variance
+DINOv2 features) and `zero_init_residual` (the last Linear of every attention / MLP branch starts at
+zero, so every block starts as the identity and the output is LayerNorm(input + position embedding)).
 
 Kernels: LN -> Linear pairs go through `kernels.layernorm_linear`, attention through
 `kernels.block_causal_attention` (attention-probability dropout inside). Backends are options; the
@@ -90,15 +98,20 @@ class ViTPredictor(nn.Module):
 
     def __init__(self, num_patches: int, num_frames: int, dim: int = 404, depth: int = 6, heads: int = 16,
                  dim_head: int = 64, mlp_dim: int = 2048, dropout: float = 0.1, emb_dropout: float = 0.0,
-                 attention_backend: str = "auto", layernorm_linear_backend: str = "auto"):
+                 attention_backend: str = "auto", layernorm_linear_backend: str = "auto", pos_init_std: float = 1.0,
+                 zero_init_residual: bool = False):
         super().__init__()
         self.num_patches = num_patches
         self.num_frames = num_frames
         self.dim = dim
-        self.pos_embedding = nn.Parameter(torch.randn(1, num_frames * num_patches, dim))
+        self.pos_embedding = nn.Parameter(torch.randn(1, num_frames * num_patches, dim) * pos_init_std)
         self.dropout = nn.Dropout(emb_dropout)
         self.transformer = Transformer(dim, depth, heads, dim_head, mlp_dim, dropout,
                                        attention_backend, layernorm_linear_backend)
+        if zero_init_residual:
+            for attn, ff in self.transformer.layers:
+                nn.init.zeros_(attn.to_out[0].weight)
+                nn.init.zeros_(ff.net[4].weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape

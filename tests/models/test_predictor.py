@@ -127,3 +127,16 @@ def test_model_with_triton_kernels_compiles_fullgraph(compile_backend):
     torch.testing.assert_close(out_fast, out_ref, rtol=1e-4, atol=1e-4)
     for (name, p_fast), p_ref in zip(fast.named_parameters(), ref.parameters()):
         torch.testing.assert_close(p_fast.grad, p_ref.grad, rtol=1e-4, atol=1e-4, msg=name)
+
+
+def test_default_init_is_the_originals_and_the_copy_init_options():
+    torch.manual_seed(0)
+    assert small().pos_embedding.std().item() == pytest.approx(1.0, abs=0.05)  # N(0, 1) as the original
+    assert small(pos_init_std=0.02).pos_embedding.std().item() == pytest.approx(0.02, rel=0.05)
+    # zero-initialised branches and no position embedding: every block is the identity, so the predictor
+    # returns its final LayerNorm of the input (with the branches' biases added)
+    p = small(pos_init_std=0.0, zero_init_residual=True).eval()
+    x = torch.randn(2, 8, 404)
+    bias = sum(attn.to_out[0].bias + ff.net[4].bias for attn, ff in p.transformer.layers)
+    torch.testing.assert_close(p(x), p.transformer.norm(x + bias), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(small(pos_init_std=0.0).eval()(x), p.transformer.norm(x + bias), atol=1e-2)
