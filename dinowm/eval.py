@@ -28,17 +28,17 @@ import argparse
 import csv
 import json
 import logging
-import sys
 import warnings
 from collections import defaultdict
 from pathlib import Path
 
 import torch
 
-from dinowm.checkpoint import CheckpointError, load_checkpoint
-from dinowm.config import Config, ConfigError, apply_values, config_from_dict, parse_overrides
-from dinowm.data import DatasetError, FrameWindows, build_data, preprocess_images
+from dinowm.checkpoint import load_checkpoint
+from dinowm.config import Config, apply_values, config_from_dict, parse_overrides
+from dinowm.data import FrameWindows, build_data, preprocess_images
 from dinowm.data.normalize import NormStats
+from dinowm.errors import UserError, run_cli
 from dinowm.metrics import psnr, ssim
 from dinowm.models.interface import WorldModel, check_world_model, encode_frames
 from dinowm.models.world_model import build_world_model
@@ -49,7 +49,7 @@ log = logging.getLogger("dinowm")
 METRICS = ("z_visual_mse", "z_proprio_mse", "psnr", "ssim")
 
 
-class EvalError(ValueError):
+class EvalError(UserError, ValueError):
     """Inputs that cannot be evaluated (checkpoint, dataset, horizon), phrased for the user."""
 
 
@@ -61,11 +61,11 @@ def horizon_errors(model: WorldModel, obs: torch.Tensor, proprio: torch.Tensor, 
                    visual: torch.Tensor | None = None, images: bool = True, copy_last: bool = True) -> dict:
     """Per-sample errors of an open-loop rollout and of the copy-last-frame baseline.
 
-    obs (B, n + H, 3, S, S) in [-1, 1], proprio (B, n + H, Dp), action (B, n + H, Da), n = model.num_hist;
+    obs (B, n + H, 3, S, S) in [-1, 1], proprio (B, n + H, Dp), action (B, n + H, Da), n = model.context_frames;
     visual: optional encoder features (B, n + H, P, D) (then obs is only needed for images). Returns {"model": {metric: (B, H)},
     "copy_last": {...}} (copy_last only if asked), plus "decoded" (B, H, 3, S, S) of the model when images.
     """
-    n = model.num_hist
+    n = model.context_frames
     if visual is None:
         visual = model.encode_visual(obs)
     horizon = visual.shape[1] - n
@@ -84,7 +84,7 @@ def horizon_errors(model: WorldModel, obs: torch.Tensor, proprio: torch.Tensor, 
         errors = {"z_visual_mse": (pred_visual - true_visual).pow(2).flatten(2).mean(2)}  # (B, H)
         if pred_proprio is not None and true_proprio is not None:
             errors["z_proprio_mse"] = (pred_proprio - true_proprio).pow(2).flatten(2).mean(2)
-        if images:
+        if images and getattr(model, "decoder", True) is not None:  # a model may have no decoder
             size, target = obs.shape[-1], obs[:, n:].flatten(0, 1)  # (B*H, 3, S, S)
             # copy-last decodes one frame and repeats it; the model decodes every predicted frame
             src = z[:, :1] if name == "copy_last" else z
@@ -186,14 +186,14 @@ def untrained_twin(model: torch.nn.Module, cfg: Config, device) -> torch.nn.Modu
 # ----------------------------------------------------------------------------------------------
 # the evaluation
 # ----------------------------------------------------------------------------------------------
-def evaluation_windows(cfg: Config, stats: NormStats, horizon: int, own_dataset: bool):
-    """Windows of num_hist + horizon frames: of the validation episodes (own dataset) or of all episodes."""
+def evaluation_windows(cfg: Config, stats: NormStats, horizon: int, own_dataset: bool, context: int):
+    """Windows of context + horizon frames: of the validation episodes (own dataset) or of all episodes."""
     data = build_data(cfg.data, stats=stats)
     episodes = data.val_ids if own_dataset else list(range(data.dataset.num_episodes))
     if not episodes:
         raise EvalError(f"{cfg.data.path}: the split leaves no validation episode (data.split_ratio = "
                         f"{cfg.data.split_ratio}); pass --data.path to evaluate on another dataset")
-    num_frames = cfg.data.num_hist + horizon
+    num_frames = context + horizon
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         windows = FrameWindows(data.dataset, episodes, num_frames, cfg.data.frameskip, stats, data.proprio_slice,
@@ -201,7 +201,7 @@ def evaluation_windows(cfg: Config, stats: NormStats, horizon: int, own_dataset:
     if len(windows) == 0:
         longest = max(data.dataset.seq_lengths[e] for e in episodes)
         raise EvalError(f"{cfg.data.path}: no episode of {episodes[:8]} is long enough for --horizon {horizon}: a "
-                        f"window needs (num_hist + horizon) * frameskip = {num_frames * cfg.data.frameskip} steps, "
+                        f"window needs (context + horizon) * frameskip = {num_frames * cfg.data.frameskip} steps, "
                         f"the longest has {longest}; lower --horizon")
     return windows, episodes
 
@@ -311,29 +311,26 @@ def main(argv: list[str] | None = None) -> dict:
     args, rest = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
-    try:
-        if args.horizon < 1:
-            raise EvalError(f"--horizon {args.horizon} must be >= 1")
-        overrides = parse_overrides(rest)
-        unknown = [f"{s}.{k}" for s, keys in overrides.items() for k in keys if (s, k) != ("data", "path")]
-        if unknown:
-            raise EvalError(f"only --data.path can be overridden for evaluation, not {', '.join(unknown)}")
-        model, cfg, stats, ckpt = load_run(args.checkpoint, overrides, args.device)
-        own = "data" not in overrides or Path(overrides["data"]["path"]).resolve() == Path(ckpt["config"]["data"]["path"]).resolve()
-        windows, episodes = evaluation_windows(cfg, stats, args.horizon, own_dataset=own)
-        untrained = None if args.no_untrained else untrained_twin(model, cfg, args.device)
-        dtype = torch.bfloat16 if (args.dtype or cfg.training.dtype) == "bf16" else torch.float32
-        result = evaluate(model, cfg, windows, args.horizon, args.max_samples, args.batch_size, args.seed,
-                          untrained=untrained, dtype=dtype, device=args.device)
-    except (ConfigError, CheckpointError, DatasetError, EvalError) as e:
-        raise SystemExit(f"error: {e}") from None
+    if args.horizon < 1:
+        raise EvalError(f"--horizon {args.horizon} must be >= 1")
+    overrides = parse_overrides(rest)
+    unknown = [f"{s}.{k}" for s, keys in overrides.items() for k in keys if (s, k) != ("data", "path")]
+    if unknown:
+        raise EvalError(f"only --data.path can be overridden for evaluation, not {', '.join(unknown)}")
+    model, cfg, stats, ckpt = load_run(args.checkpoint, overrides, args.device)
+    own = "data" not in overrides or Path(overrides["data"]["path"]).resolve() == Path(ckpt["config"]["data"]["path"]).resolve()
+    windows, episodes = evaluation_windows(cfg, stats, args.horizon, own_dataset=own, context=model.context_frames)
+    untrained = None if args.no_untrained else untrained_twin(model, cfg, args.device)
+    dtype = torch.bfloat16 if (args.dtype or cfg.training.dtype) == "bf16" else torch.float32
+    result = evaluate(model, cfg, windows, args.horizon, args.max_samples, args.batch_size, args.seed,
+                      untrained=untrained, dtype=dtype, device=args.device)
     result.update({"checkpoint": str(args.checkpoint), "step": ckpt.get("step"), "dataset": cfg.data.path,
                    "episodes": episodes, "split": "validation" if own else "all episodes",
-                   "frameskip": cfg.data.frameskip, "num_hist": cfg.data.num_hist})
+                   "frameskip": cfg.data.frameskip, "context_frames": model.context_frames})
     src = Path(args.checkpoint)
     run_dir = src if src.is_dir() else src.parent.parent
     out = Path(args.out) if args.out else run_dir / "eval"
-    files = write_outputs(result, out, cfg.data.num_hist)
+    files = write_outputs(result, out, model.context_frames)
     print(f"{result['samples']} windows of {result['split']} {episodes} of {cfg.data.path}, checkpoint step "
           f"{result['step']}; ratio = model / copy-last visual latent MSE (< 1: better than doing nothing)")
     print(format_table(result))
@@ -343,4 +340,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_cli(main)

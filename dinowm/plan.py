@@ -30,15 +30,13 @@ import importlib.util
 import json
 import logging
 import statistics
-import sys
 from pathlib import Path
 
 import torch
 
-from dinowm.checkpoint import CheckpointError
-from dinowm.config import ConfigError
-from dinowm.data import DatasetError, FrameWindows, build_data, preprocess_images
-from dinowm.eval import EvalError, load_run
+from dinowm.data import FrameWindows, build_data, preprocess_images
+from dinowm.errors import run_cli
+from dinowm.eval import load_run
 from dinowm.planner import Context, GoalCost, PlanError, Planner, PlannerSettings, expand_hold, mpc_episode
 from dinowm.visualize import save_grid
 
@@ -62,7 +60,7 @@ def latency_summary(ms: list[float]) -> dict:
 # ----------------------------------------------------------------------------------------------
 def plan_on_dataset(model, cfg, stats, args, methods, device) -> dict:
     data = build_data(cfg.data, stats=stats)
-    n, fs = cfg.data.num_hist, cfg.data.frameskip
+    n, fs = model.context_frames, cfg.data.frameskip
     windows = FrameWindows(data.dataset, data.val_ids, n + args.goal_steps, fs, stats, data.proprio_slice,
                            allow_empty=True)
     if len(windows) == 0:
@@ -242,13 +240,10 @@ def plan_in_sim(model, cfg, stats, args, methods, device, out: Path) -> dict:
     if importlib.util.find_spec("triton") is not None:
         # Mesa's llvmpipe (rendering) brings its own LLVM; Triton imported after it segfaults. Load Triton first.
         import triton  # noqa: F401
-    from dinowm.data.sim_scene import FrankaCubeScene, SimSetupError
+    from dinowm.data.sim_scene import FrankaCubeScene
 
-    try:
-        scene = FrankaCubeScene(shadows=False, physics_steps_per_frame=25)
-    except SimSetupError as e:
-        raise PlanError(str(e)) from None
-    n, fs = cfg.data.num_hist, cfg.data.frameskip
+    scene = FrankaCubeScene(shadows=False, physics_steps_per_frame=25)  # SimSetupError: what to install
+    n, fs = model.context_frames, cfg.data.frameskip
     proprio_slice = slice(cfg.data.proprio_start, cfg.data.proprio_end)
     controllers = methods + ["random", "replay"]
     episodes = []
@@ -344,19 +339,16 @@ def main(argv: list[str] | None = None) -> dict:
     methods = ["cem", "gd"] if args.method == "both" else [args.method]
     src = Path(args.checkpoint)
     out = Path(args.out) if args.out else (src if src.is_dir() else src.parent.parent) / "plan"
-    try:
-        if args.episodes < 1 or args.goal_steps < 1 or args.execute < 1:
-            raise PlanError("--episodes, --goal-steps and --execute must be >= 1")
-        settings_from_args(args, methods[0])
-        model, cfg, stats, _ = load_run(args.checkpoint, device=args.device)
-        model.requires_grad_(False)  # planning differentiates with respect to the actions only
-        out.mkdir(parents=True, exist_ok=True)
-        if args.sim:
-            result = plan_in_sim(model, cfg, stats, args, methods, args.device, out)
-        else:
-            result = plan_on_dataset(model, cfg, stats, args, methods, args.device)
-    except (ConfigError, CheckpointError, DatasetError, EvalError, PlanError) as e:
-        raise SystemExit(f"error: {e}") from None
+    if args.episodes < 1 or args.goal_steps < 1 or args.execute < 1:
+        raise PlanError("--episodes, --goal-steps and --execute must be >= 1")
+    settings_from_args(args, methods[0])
+    model, cfg, stats, _ = load_run(args.checkpoint, device=args.device)
+    model.requires_grad_(False)  # planning differentiates with respect to the actions only
+    out.mkdir(parents=True, exist_ok=True)
+    if args.sim:
+        result = plan_in_sim(model, cfg, stats, args, methods, args.device, out)
+    else:
+        result = plan_on_dataset(model, cfg, stats, args, methods, args.device)
     result["planner"] = {k: v for k, v in vars(args).items() if k != "torch_dtype"}
     (out / "results.json").write_text(json.dumps(result, indent=2, default=float))
     print_summary(result, args)
@@ -366,4 +358,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_cli(main)

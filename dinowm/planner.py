@@ -30,10 +30,11 @@ from dataclasses import dataclass
 
 import torch
 
+from dinowm.errors import UserError
 from dinowm.models.interface import WorldModel, check_world_model, encode_frames
 
 
-class PlanError(ValueError):
+class PlanError(UserError, ValueError):
     """Planner inputs that do not fit the model (shapes, settings), phrased for the user."""
 
 
@@ -222,6 +223,8 @@ class Planner:
         for _ in range(s.iterations):
             with self._autocast():
                 costs = cost(self._full(x)).float()  # (R,)
+            if not costs.requires_grad:
+                raise PlanError(f"{type(cost.model).__name__}.rollout is not differentiable: plan with CEM (--method cem)")
             (grad,) = torch.autograd.grad(costs.sum(), x)  # only the actions: the model's parameters stay untouched
             x.grad = grad
             opt.step()

@@ -3,11 +3,12 @@
 Every predictor family (the DINO-WM `VWorldModel`, the V-JEPA 2-AC model) provides these members, so
 the evaluator and the planner never ask which family they hold:
 
-    num_hist                                    context frames the predictor was trained with
+    context_frames                              observed frames a rollout starts from (DINO-WM: num_hist)
     encode_visual(obs)                          obs (B, T, 3, S, S) in [-1, 1] -> visual latents (B, T, P, D)
     rollout(obs0, proprio0, actions, visual0)   -> {"z": (B, T0 + H, ...)}: the encoded context (T0 frames),
                                                 then one predicted latent per further action; differentiable
-                                                (callers wrap it in no_grad when they need no gradients)
+                                                where the family allows (gradient planning needs it; callers
+                                                wrap it in no_grad when they need no gradients)
     decode(z, size)                             latents (B, T, ...) -> images (B, T, 3, size, size)
     split(z)                                    -> (visual (B, T, P, D), proprio (B, T, Ep) or None, action or None)
 
@@ -23,7 +24,7 @@ import torch
 
 @runtime_checkable
 class WorldModel(Protocol):
-    num_hist: int
+    context_frames: int
 
     def encode_visual(self, obs: torch.Tensor) -> torch.Tensor: ...
 
@@ -37,7 +38,7 @@ class WorldModel(Protocol):
 
 def check_world_model(model) -> WorldModel:
     if not isinstance(model, WorldModel):
-        missing = [name for name in ("num_hist", "encode_visual", "rollout", "decode", "split") if not hasattr(model, name)]
+        missing = [name for name in ("context_frames", "encode_visual", "rollout", "decode", "split") if not hasattr(model, name)]
         raise TypeError(f"{type(model).__name__} is not a world model: it lacks {', '.join(missing)}")
     return model
 

@@ -42,6 +42,7 @@ class VWorldModel(nn.Module):
         self.predictor = predictor
         self.decoder = decoder
         self.num_hist = num_hist
+        self.context_frames = num_hist  # rollouts start from num_hist observed frames (dinowm.models.interface)
         self.num_pred = num_pred
         self.concat_dim = concat_dim
         self.embedding_backend = embedding_backend

@@ -1,7 +1,7 @@
 """A tiny trained checkpoint shared by the evaluation and planning tests (one optimiser step, seconds)."""
 import pytest
 
-import train
+from dinowm.cli import train
 from franka_fixtures import write_franka_dataset
 
 TINY = [
@@ -19,6 +19,7 @@ def tiny_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
     dataset = write_franka_dataset(root / "dset", lengths=(20, 16, 24, 18, 22), hw=(32, 32))
     out = root / "run"
-    train.main(["--config", "demo.toml", "--data.path", str(dataset), "--data.demo_episodes", "0",
+    train(["--config", "demo.toml", "--data.path", str(dataset), "--data.demo_episodes", "0",
                 "--out", str(out), *TINY])
     return out
+

@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from eval_helpers import cli_error
 from dinowm import plan
 
 FAST = ["--samples", "4", "--elites", "2", "--iterations", "1", "--restarts", "1", "--horizon", "2"]
@@ -27,12 +28,8 @@ def test_closed_loop_in_the_simulator(tiny_run, tmp_path):
     assert (tmp_path / "episode_000.png").exists()
 
 
-def test_bad_inputs_are_one_line_errors(tiny_run, tmp_path):
-    with pytest.raises(SystemExit, match="error: .*goal-steps"):
-        plan.main([str(tiny_run), "--goal-steps", "0", "--out", str(tmp_path)])
-    with pytest.raises(SystemExit, match="error: .*lower --goal-steps"):
-        plan.main([str(tiny_run), "--goal-steps", "30", "--out", str(tmp_path), *FAST])
-    with pytest.raises(SystemExit, match="error: .*elites"):
-        plan.main([str(tiny_run), "--samples", "2", "--elites", "4", "--out", str(tmp_path)])
-    with pytest.raises(SystemExit, match="error: .*no checkpoint"):
-        plan.main([str(tmp_path / "none"), "--out", str(tmp_path)])
+def test_bad_inputs_are_one_line_errors(tiny_run, tmp_path, capsys):
+    assert "goal-steps" in cli_error(capsys, plan.main, tiny_run, "--goal-steps", "0", "--out", tmp_path)
+    assert "lower --goal-steps" in cli_error(capsys, plan.main, tiny_run, "--goal-steps", "30", "--out", tmp_path, *FAST)
+    assert "elites" in cli_error(capsys, plan.main, tiny_run, "--samples", "2", "--elites", "4", "--out", tmp_path)
+    assert "no checkpoint" in cli_error(capsys, plan.main, tmp_path / "none", "--out", tmp_path)

@@ -10,7 +10,7 @@ D, A, S = 12, 4, 2  # latent dims (= 3 * S * S pixels), action dims, image size
 class LinearWorld(torch.nn.Module):
     """z_{t+1} = M z_t + N a_t, z = the flattened image; one context frame."""
 
-    num_hist = 1
+    context_frames = 1
 
     def __init__(self):
         super().__init__()
