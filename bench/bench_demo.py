@@ -1,5 +1,5 @@
 """The demo's time budget: `python train.py --config demo.toml` on a fresh dataset path, start to finish
-(dataset generation, feature cache, 4 epochs), against the README's promise of 10 minutes on 2 CPU cores.
+(dataset generation of 8 episodes, feature cache, 4 epochs), against the README's promise of 10 minutes on 2 CPU cores.
 
     pytest bench/bench_demo.py --benchmark-only       # the full demo, timed once (minutes)
     pytest bench/bench_demo.py --benchmark-disable    # a 2-step run of the demo config on 2 tiny episodes
@@ -16,7 +16,7 @@ BUDGET_S = 600.0
 def test_demo_run(benchmark, request, tmp_path):
     quick = request.config.getoption("benchmark_disable")
     extra = ["--data.demo_episodes", "2", "--data.demo_frames", "40", "--training.max_steps", "2"] if quick else \
-        ["--data.demo_episodes", "4"]  # demo.toml's own value, given so the fresh --data.path is generated
+        ["--data.demo_episodes", "8"]  # demo.toml's own value, given so the fresh --data.path is generated
     args = ["--config", "demo.toml", "--data.path", str(tmp_path / "data"), "--out", str(tmp_path / "run"),
             "--logging.progress_bar", "false", *extra]
     last = benchmark.pedantic(lambda: train(args), rounds=1, iterations=1)
