@@ -1,0 +1,30 @@
+"""Validation and checkpoints every N steps, max_steps past the last epoch, keep-last-K, copy-last logged."""
+import json
+
+from dinowm.checkpoint import load_checkpoint
+from dinowm.cli import train
+from franka_fixtures import write_franka_dataset
+
+TINY = ["--data.img_size", "32", "--model.encoder_image_size", "28", "--model.predictor_depth", "1",
+        "--model.predictor_heads", "2", "--model.predictor_dim_head", "16", "--model.predictor_mlp_dim", "64",
+        "--data.frameskip", "2", "--data.num_hist", "2", "--data.split_ratio", "0.6", "--training.batch_size", "8",
+        "--eval.rollout_horizon", "2", "--eval.rollout_samples", "4", "--logging.progress_bar", "false"]
+
+
+def test_every_n_steps_past_the_epochs_keeping_the_last_k(tmp_path):
+    data = write_franka_dataset(tmp_path / "d", lengths=(20, 16, 24, 18, 22), hw=(32, 32))
+    out = tmp_path / "run"
+    train(["--config", "demo.toml", "--data.path", str(data), "--data.demo_episodes", "0", "--out", str(out), *TINY,
+           "--training.epochs", "1", "--training.max_steps", "7", "--eval.every_steps", "3",
+           "--checkpoint.every_steps", "2", "--checkpoint.keep_last", "2", "--logging.every_steps", "1"])
+    records = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    steps_per_epoch = sum(1 for r in records if r["split"] == "train" and r["epoch"] <= 1)
+    assert steps_per_epoch < 7  # 7 steps is more than one epoch: max_steps is honoured past `epochs`
+    assert max(r["step"] for r in records) == load_checkpoint(out)["step"] == 7
+    val_steps = sorted({r["step"] for r in records if r["split"] == "val"})
+    assert {3, 6, 7} <= set(val_steps)
+    val = next(r for r in records if r["split"] == "val")
+    assert val["val_copy_last_z_visual_loss"] > 0 and "rollout_h2_ratio_to_copy_last" in val
+    assert val["val_z_visual_ratio_to_copy_last"] == val["val_z_visual_loss"] / val["val_copy_last_z_visual_loss"]
+    numbered = sorted(p.name for p in (out / "checkpoints").glob("model_*.pt") if p.name != "model_latest.pt")
+    assert len(numbered) == 2 and "model_step6.pt" in numbered and "model_step2.pt" not in numbered  # newest 2
