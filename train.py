@@ -6,6 +6,8 @@
     python train.py --resume runs/bs8 [--training.max_steps 1000]   # continue exactly where it stopped
     python train.py --config franka.toml --init-from converted.pt   # start from imported original weights
     torchrun --nproc_per_node 4 train.py --config franka.toml --out runs/ddp   # 4 GPUs, same global batch
+    python train.py --config demo_ac.toml                    # the V-JEPA 2-AC predictor on the demo, ~10 min
+    python train.py --config demo_ac.toml --inspect          # every stage of one batch's forward, then exit
 
 A bare config name is looked up in configs/. Any value can be overridden with --section.key value
 (see README "Configuration"). Without --out the run folder is outputs/<date>/<time>/.

@@ -6,6 +6,8 @@
     python train.py --resume runs/bs8 [--training.max_steps 1000]   # continue exactly where it stopped
     python train.py --config franka.toml --init-from converted.pt   # start from imported original weights
     torchrun --nproc_per_node 4 train.py --config franka.toml --out runs/ddp   # 4 GPUs, same global batch
+    python train.py --config demo_ac.toml                    # the V-JEPA 2-AC predictor on the demo, ~10 min
+    python train.py --config demo_ac.toml --inspect          # every stage of one batch's forward, then exit
 
 A bare config name is looked up in configs/. Any value can be overridden with --section.key value
 (see README "Configuration"). Without --out the run folder is outputs/<date>/<time>/.
@@ -73,6 +75,8 @@ def train(argv: list[str]) -> dict:
     parser.add_argument("--resume", help="run folder (or checkpoint file) to continue from")
     parser.add_argument("--init-from", help="start a new run from the model weights of this checkpoint "
                                             "(e.g. one converted with `python -m dinowm.compat import-dino-wm`)")
+    parser.add_argument("--inspect", action="store_true", help="print every stage of the forward (shape, min, max, "
+                                                                   "mean, std) for one real training batch, then exit")
     args, rest = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     checkpoint = None
@@ -115,7 +119,10 @@ def train(argv: list[str]) -> dict:
         init_weights = None
         if args.init_from:
             init_weights = load_checkpoint(args.init_from)["model"]
-        return Trainer(cfg, run_dir, checkpoint, init_weights=init_weights).fit()
+        if args.inspect:  # the encoder runs in the inspected forward: no feature cache needed
+            cfg.training.feature_cache = False
+        trainer = Trainer(cfg, run_dir, checkpoint, init_weights=init_weights)
+        return trainer.inspect() if args.inspect else trainer.fit()
     except (UserError, OSError) as e:  # the run folder keeps the reason; run_cli prints it
         if log_file is not None:
             log_file.handle(logging.makeLogRecord({"name": "dinowm", "levelno": logging.ERROR, "levelname": "ERROR",

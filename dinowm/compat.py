@@ -1,6 +1,8 @@
-"""Importer for original DINO-WM checkpoints (docs/contract.md §10), without the original code installed.
+"""Importers for original checkpoints, without the original code installed: DINO-WM (docs/contract.md §10)
+and the V-JEPA 2-AC predictor (`import-vjepa2-ac`, see `import_vjepa2_ac_checkpoint`).
 
     python -m dinowm.compat import-dino-wm model_latest.pth --out converted.pt
+    python -m dinowm.compat import-vjepa2-ac vjepa2-ac.pt --out converted.pt
 
 An original `model_latest.pth` / `model_<epoch>.pth` is a `torch.save` of a dict of WHOLE pickled
 modules: `epoch`, `predictor` (models.vit.ViTPredictor), `predictor_optimizer`, `decoder`
@@ -311,6 +313,77 @@ def import_dino_wm_checkpoint(path, num_frames: int | None = None, allow_classes
     }
 
 
+AC_PREFIXES = ("predictor_embed.", "action_encoder.", "state_encoder.", "predictor_blocks.", "predictor_norm.",
+               "predictor_proj.")
+AC_IGNORED = ("extrinsics_encoder.",)  # the official code defines it; the predictor never uses it here
+
+
+def _ac_state_dict(obj, path: Path) -> dict:
+    """The predictor state dict inside an official file: the dict itself, or its `predictor` entry."""
+    if isinstance(obj, dict) and isinstance(obj.get("predictor"), dict):
+        obj = obj["predictor"]
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        keys = ", ".join(map(str, obj)) if isinstance(obj, dict) else type(obj).__name__
+        raise CompatError(f"{path}: expected a V-JEPA 2-AC predictor state dict or a dict with a 'predictor' "
+                          f"state dict (found: {keys[:200]})")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def import_vjepa2_ac_checkpoint(path) -> dict:
+    """Read an official V-JEPA 2-AC predictor checkpoint (keys of `src/models/ac_predictor.py`) into our format.
+
+    Accepts a state dict, or a dict holding one under `predictor` (other entries, e.g. the video encoder and
+    optimiser, are ignored); DDP's `module.` prefixes are removed; `extrinsics_encoder.*` is dropped with a
+    note. Loaded with torch.load(weights_only=True): no code in the file runs. The keys must be exactly those
+    of an ACPredictor of the inferred size (listed otherwise: never a silent partial load). Output:
+    {"format", "source", "model": {"predictor.<key>": t}, "inferred": {visual_dim, dim, depth, mlp_hidden,
+    action_dim, state_dim}, "notes": [...]}. Official checkpoints were trained with the legacy RoPE angle
+    layout: use them with model.rope_legacy = true.
+    """
+    from dinowm.models.ac_predictor import ACPredictor  # the models import nothing from here
+
+    path = Path(path)
+    if not path.is_file():
+        raise CompatError(f"{path}: no such file")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - anything torch/pickle raise means: not a plain tensor file
+        first_line = (str(e).splitlines() or [""])[0]
+        raise CompatError(f"{path}: cannot be read as tensors only ({type(e).__name__}: {first_line[:200]}); "
+                          f"re-save the predictor's state_dict() with torch.save") from None
+    state = _ac_state_dict(obj, path)
+    notes = []
+    ignored = sorted(k for k in state if k.startswith(AC_IGNORED))
+    if ignored:
+        notes.append(f"ignored {len(ignored)} extrinsics_encoder tensors (unused by this predictor)")
+        state = {k: v for k, v in state.items() if k not in ignored}
+    try:
+        embed, fc1 = state["predictor_embed.weight"], state["predictor_blocks.0.mlp.fc1.weight"]
+        inferred = {"visual_dim": int(embed.shape[1]), "dim": int(embed.shape[0]),
+                    "depth": len({k.split(".")[1] for k in state if k.startswith("predictor_blocks.")}),
+                    "mlp_hidden": int(fc1.shape[0]), "action_dim": int(state["action_encoder.weight"].shape[1]),
+                    "state_dim": int(state["state_encoder.weight"].shape[1])}
+    except (KeyError, IndexError) as e:
+        raise CompatError(f"{path}: not a V-JEPA 2-AC predictor state dict (no {e}; has "
+                          f"{', '.join(sorted(state))[:200]})") from None
+    with torch.device("meta"):  # the expected key layout, without memory
+        expected = ACPredictor(inferred["visual_dim"], inferred["action_dim"], inferred["state_dim"], grid=(1, 1),
+                               dim=inferred["dim"], depth=inferred["depth"], heads=1,
+                               mlp_ratio=inferred["mlp_hidden"] / inferred["dim"]).state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(f"{k} {tuple(state[k].shape)} (expected {tuple(v.shape)})" for k, v in expected.items()
+                   if k in state and state[k].shape != v.shape)
+    if missing or unexpected or wrong:
+        raise CompatError(f"{path}: keys do not match a V-JEPA 2-AC predictor of {inferred}: missing "
+                          f"{missing or 'none'}, unexpected {unexpected or 'none'}, wrong shapes {wrong or 'none'}")
+    notes.append("official checkpoints use the legacy RoPE angle layout: train/evaluate with "
+                 "--model.rope_legacy true")
+    return {"format": CHECKPOINT_FORMAT, "source": str(path),
+            "model": {f"predictor.{k}": v.contiguous() for k, v in state.items()},
+            "inferred": inferred, "notes": notes}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dinowm.compat", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -320,12 +393,21 @@ def main(argv=None) -> int:
     imp.add_argument("--num-frames", type=int, default=None, help="predictor frames (num_hist); default: inferred")
     imp.add_argument("--allow-class", action="append", default=[], metavar="PATH",
                      help="also unpickle this class path (or module prefix ending in '.') as an inert stand-in")
+    ac = sub.add_parser("import-vjepa2-ac", help="convert an official V-JEPA 2-AC predictor checkpoint into our format")
+    ac.add_argument("checkpoint", help="a predictor state dict, or a dict with a 'predictor' entry (DDP prefixes ok)")
+    ac.add_argument("--out", required=True, help="output file (our format; train with --init-from)")
     args = parser.parse_args(argv)
-    ckpt = import_dino_wm_checkpoint(args.checkpoint, num_frames=args.num_frames, allow_classes=args.allow_class)
+    if args.command == "import-vjepa2-ac":
+        ckpt = import_vjepa2_ac_checkpoint(args.checkpoint)
+    else:
+        ckpt = import_dino_wm_checkpoint(args.checkpoint, num_frames=args.num_frames, allow_classes=args.allow_class)
     atomic_save(ckpt, args.out)
     n = sum(t.numel() for t in ckpt["model"].values())
-    print(f"{args.checkpoint} -> {args.out}: epoch {ckpt['epoch']}, {len(ckpt['model'])} tensors, {n:,} values; "
+    where = f"epoch {ckpt['epoch']}, " if "epoch" in ckpt else ""
+    print(f"{args.checkpoint} -> {args.out}: {where}{len(ckpt['model'])} tensors, {n:,} values; "
           f"inferred {ckpt['inferred']}")
+    for note in ckpt.get("notes", []):
+        print(f"note: {note}")
     return 0
 
 

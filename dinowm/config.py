@@ -61,11 +61,15 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     encoder_weights: str = ""
-    """Path to the official `dinov2_vits14_pretrain.pth`. Empty: random encoder (a warning says so)."""
+    """Path to the official DINOv2 weights of `encoder` (e.g. `dinov2_vits14_pretrain.pth`). Empty: random
+    encoder (a warning says so)."""
+    encoder: str = "vits14"
+    """DINOv2 variant: 'vits14' (384-d features), 'vitb14' (768-d) or 'vitl14' (1024-d), official key layouts."""
     encoder_image_size: int = 224
     """Encoder input size: 224 -> 16x16 patches (default), 196 -> 14x14 (the original code)."""
     predictor: str = "vit"
-    """Predictor family: 'vit' (DINO-WM ViTPredictor)."""
+    """Predictor family: 'vit' (DINO-WM ViTPredictor) or 'ac' (the V-JEPA 2-AC action-conditioned predictor;
+    a clip is num_hist + 1 frames, num_pred must be 1, and the ac_* / rope_legacy / auto_steps keys apply)."""
     concat_dim: int = 1
     """1: proprio/action embeddings concatenated to every patch token; 0: as two extra tokens per frame."""
     action_emb_dim: int = 10
@@ -88,6 +92,21 @@ class ModelConfig:
     """auto | triton | reference."""
     embedding_backend: str = "auto"
     """auto | triton | reference."""
+    ac_dim: int = 384
+    """AC predictor: transformer width d."""
+    ac_depth: int = 24
+    """AC predictor: number of blocks."""
+    ac_heads: int = 16
+    """AC predictor: attention heads (head dim = ac_dim / ac_heads)."""
+    ac_mlp_ratio: float = 4.0
+    """AC predictor: MLP hidden width = ac_mlp_ratio * ac_dim."""
+    rope_legacy: bool = False
+    """AC predictor: false = true RoPE rotation (new training); true = the official code's angle layout, which
+    its checkpoints were trained with."""
+    auto_steps: int = 2
+    """AC predictor: frames predicted autoregressively in the rollout loss (1 <= auto_steps <= num_hist)."""
+    ac_decoder: bool = True
+    """AC predictor: also train the image decoder (on detached latents) for images of rollouts."""
 
 
 @dataclass
@@ -122,6 +141,15 @@ class OptimConfig:
     embedding_weight_decay: float = 0.01
     decoder_lr: float = 3e-4
     """Decoder: Adam, no weight decay (docs/contract.md §9)."""
+    schedule: str = "constant"
+    """Learning-rate schedule of every optimiser: 'constant' (the original DINO-WM), 'cosine' (linear warmup,
+    cosine decay to min_lr_ratio) or 'wsd' (warmup, stable, linear decay over the last decay_fraction)."""
+    warmup_steps: int = 0
+    """Linear warmup from 0 over this many optimiser steps."""
+    min_lr_ratio: float = 0.0
+    """cosine / wsd: final learning rate as a fraction of the base learning rate."""
+    decay_fraction: float = 0.2
+    """wsd: fraction of the run spent decaying."""
 
 
 @dataclass
@@ -197,7 +225,16 @@ class Config:
         _check(d.img_size % 16 == 0, "data.img_size", d.img_size, "must be a multiple of 16 (the decoder upsamples 16x)")
         _check(m.encoder_image_size % 14 == 0, "model.encoder_image_size", m.encoder_image_size,
                "must be a multiple of the patch size 14 (224 -> 16x16 patches, 196 -> 14x14)")
-        _check_choice("model.predictor", m.predictor, ("vit",))
+        _check_choice("model.predictor", m.predictor, ("vit", "ac"))
+        _check_choice("model.encoder", m.encoder, ("vits14", "vitb14", "vitl14"))
+        if m.predictor == "ac":
+            _check(d.num_pred == 1, "data.num_pred", d.num_pred,
+                   "must be 1 with model.predictor = 'ac' (a clip is num_hist + 1 frames; every frame predicts the next)")
+            _check(1 <= m.auto_steps <= d.num_hist, "model.auto_steps", m.auto_steps,
+                   f"must be between 1 and data.num_hist = {d.num_hist}")
+            _check(m.ac_heads >= 1 and m.ac_dim % m.ac_heads == 0, "model.ac_dim", m.ac_dim,
+                   f"must be a multiple of model.ac_heads = {m.ac_heads}")
+            _check(m.ac_mlp_ratio > 0, "model.ac_mlp_ratio", m.ac_mlp_ratio, "must be > 0")
         _check_choice("model.concat_dim", m.concat_dim, (0, 1))
         if m.concat_dim == 0:
             _check(m.action_emb_dim == m.proprio_emb_dim == 384, "model.action_emb_dim", m.action_emb_dim,
@@ -207,6 +244,11 @@ class Config:
         _check_choice("model.embedding_backend", m.embedding_backend, SIMPLE_BACKENDS)
         _check(0.0 <= m.predictor_dropout < 1.0, "model.predictor_dropout", m.predictor_dropout, "must be in [0, 1)")
         _check_choice("training.dtype", t.dtype, ("fp32", "bf16"))
+        o = self.optim
+        _check_choice("optim.schedule", o.schedule, ("constant", "cosine", "wsd"))
+        _check(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "must be >= 0")
+        _check(0.0 <= o.min_lr_ratio <= 1.0, "optim.min_lr_ratio", o.min_lr_ratio, "must be in [0, 1]")
+        _check(0.0 < o.decay_fraction <= 1.0, "optim.decay_fraction", o.decay_fraction, "must be in (0, 1]")
         _check(t.batch_size >= 1, "training.batch_size", t.batch_size, "must be >= 1")
         _check(t.epochs >= 1, "training.epochs", t.epochs, "must be >= 1")
         _check(t.max_steps >= 0, "training.max_steps", t.max_steps, "must be >= 0 (0: no cap)")
@@ -216,6 +258,7 @@ class Config:
                t.device, "must be auto, cpu, cuda or cuda:N")
         for key in ("data.demo_frames", "model.action_emb_dim", "model.proprio_emb_dim", "model.predictor_depth",
                     "model.predictor_heads", "model.predictor_dim_head", "model.predictor_mlp_dim",
+                    "model.ac_dim", "model.ac_depth", "model.ac_heads",
                     "eval.every_epochs", "checkpoint.every_epochs", "logging.every_steps",
                     "logging.image_every_epochs", "profiling.active"):
             _check(self._get(key) >= 1, key, self._get(key), "must be >= 1")

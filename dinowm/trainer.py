@@ -43,6 +43,7 @@ from dinowm.eval import HorizonAverages, horizon_errors, sample_indices
 from dinowm.metrics import LossWindow, MetricSink, StepTimer, maybe_profile
 from dinowm.models.world_model import build_world_model
 from dinowm.resilience import HangWatchdog, NonFiniteError, StopOnSignal
+from dinowm.schedule import Schedule
 from dinowm.visualize import save_grid
 
 log = logging.getLogger("dinowm")
@@ -61,14 +62,23 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device(name)
 
 
+def base_learning_rates(cfg) -> dict[str, float]:
+    """Base learning rate per optimiser (scaled by the schedule every step)."""
+    return {"predictor": cfg.predictor_lr, "embeddings": cfg.embedding_lr, "decoder": cfg.decoder_lr}
+
+
 def build_optimizers(model, cfg) -> dict[str, torch.optim.Optimizer]:
-    """docs/contract.md §9: AdamW for the predictor and the embeddings, Adam for the decoder; the encoder is frozen."""
+    """docs/contract.md §9: AdamW for the predictor and the embeddings, Adam for the decoder; the encoder is frozen.
+    A model without embeddings (the AC predictor holds its own) or without a decoder gets no optimiser for them."""
     groups = model.parameter_groups()
-    return {
-        "predictor": torch.optim.AdamW(groups["predictor"], lr=cfg.predictor_lr, weight_decay=cfg.predictor_weight_decay),
-        "embeddings": torch.optim.AdamW(groups["embeddings"], lr=cfg.embedding_lr, weight_decay=cfg.embedding_weight_decay),
-        "decoder": torch.optim.Adam(groups["decoder"], lr=cfg.decoder_lr),
-    }
+    optimizers = {"predictor": torch.optim.AdamW(groups["predictor"], lr=cfg.predictor_lr,
+                                                 weight_decay=cfg.predictor_weight_decay)}
+    if "embeddings" in groups:
+        optimizers["embeddings"] = torch.optim.AdamW(groups["embeddings"], lr=cfg.embedding_lr,
+                                                     weight_decay=cfg.embedding_weight_decay)
+    if "decoder" in groups:
+        optimizers["decoder"] = torch.optim.Adam(groups["decoder"], lr=cfg.decoder_lr)
+    return optimizers
 
 
 class Trainer:
@@ -106,8 +116,10 @@ class Trainer:
         self.step = self.epoch = self.batch_in_epoch = self.nonfinite_skips = 0
         if cfg.model.encoder_weights:  # before a checkpoint is loaded: of the weights file given now
             self.fingerprints["encoder"] = fingerprint.weights_fingerprint(self.model.encoder)
+        self.base_lrs = base_learning_rates(cfg.optim)
+        self.schedule = None  # fixed below from the run length, or restored from the checkpoint
         if init_weights is not None:
-            self._load_model_weights(init_weights)
+            self._load_model_weights(init_weights, init=True)
         if checkpoint:
             self._load_state(checkpoint)
         if "encoder" not in self.fingerprints:  # a random encoder, or the one the checkpoint stored
@@ -148,6 +160,8 @@ class Trainer:
         self.rollout_indices = (sample_indices(len(self.rollout_windows), e.rollout_samples, t.seed)
                                 if self.rollout_windows is not None else None)
         self._validated_at = None
+        if self.schedule is None:
+            self.schedule = Schedule.from_config(cfg.optim, self.total_steps())
         self.sink = MetricSink(self.run_dir, cfg.to_dict(), cfg.logging.tensorboard, cfg.logging.wandb,
                                cfg.logging.wandb_project, enabled=self.dist.main,
                                resume_step=self.step if checkpoint else None)
@@ -173,6 +187,9 @@ class Trainer:
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
 
+    def total_steps(self) -> int:
+        return self.cfg.training.max_steps or self.cfg.training.epochs * len(self.train_loader)
+
     def train_step(self, batch: dict, decode_prediction: bool) -> dict:
         """One optimiser step on this rank's shard of a global batch. A non-finite loss or gradient (on any
         rank) skips the update on every rank; out["nonfinite"] then names what was non-finite."""
@@ -193,11 +210,23 @@ class Trainer:
             out["nonfinite"] = sorted({name + (f" (rank {r})" if self.dist.enabled else "")
                                        for r, names in enumerate(named) for name in names})
         else:
-            for opt in self.optimizers.values():
+            factor = self.schedule.factor(self.step)
+            for name, opt in self.optimizers.items():
+                for group in opt.param_groups:
+                    group["lr"] = self.base_lrs[name] * factor
                 opt.step()
         for opt in self.optimizers.values():
             opt.zero_grad(set_to_none=True)
         return out
+
+    def inspect(self) -> dict:
+        """`train.py --inspect`: one real training batch through the model with stage hooks (printed)."""
+        from dinowm.stages import inspect_forward
+
+        batch = next(iter(self.train_loader))
+        print(f"{type(self.model).__name__} on one training batch ({batch['obs'].shape[0]} samples):")
+        with self._autocast():
+            return inspect_forward(self.model, self._inputs(batch))
 
     # ------------------------------------------------------------------------------------------
     # the loop
@@ -205,7 +234,7 @@ class Trainer:
     def fit(self) -> dict:
         cfg, t = self.cfg, self.cfg.training
         steps_per_epoch = len(self.train_loader)
-        total_steps = t.max_steps or t.epochs * steps_per_epoch  # max_steps wins, past `epochs` if need be
+        total_steps = self.total_steps()  # max_steps wins, past `epochs` if need be
         timer = StepTimer(self.device, devices=self.dist.world_size)
         window = LossWindow()  # losses since the last log
         last = {}
@@ -336,6 +365,9 @@ class Trainer:
                                                           / max(results["val_copy_last_z_visual_loss"], 1e-12))
         if not self.dist.main:
             return results
+        if "val_copy_last_loss" in results:  # the AC objective: is one step better than repeating the frame?
+            log.info("validation one-step latent L1: model %.4f, copy-last-frame baseline %.4f",
+                     results["val_z_tf_loss"], results["val_copy_last_loss"])
         results.update(self.rollout_metrics(images=images))
         self.sink.write(self.step, "val", results)
         if images and first is not None:
@@ -380,7 +412,7 @@ class Trainer:
                 errors = horizon_errors(self.model, inputs["obs"], inputs["proprio"], inputs["action"],
                                         visual=inputs.get("visual"))
             averages.add(errors)
-            if shown is None:
+            if shown is None and "decoded" in errors:  # a model without a decoder has no images
                 shown = (inputs["obs"][0], errors["decoded"][0])
         means = averages.means()
         results = {}
@@ -393,7 +425,7 @@ class Trainer:
         for h in range(1, horizon + 1):
             results[f"rollout_h{h}_ratio_to_copy_last"] = (results[f"rollout_h{h}_z_visual_err"]
                                                            / max(results[f"rollout_h{h}_copy_last_z_visual_err"], 1e-12))
-        if images:
+        if images and shown is not None:
             obs, decoded = shown
             blank = torch.ones_like(obs[:num_hist])
             save_grid([obs, torch.cat([blank, decoded.float()]),
@@ -410,7 +442,10 @@ class Trainer:
     def _save_grid(self, batch: dict, out: dict, path: Path) -> None:
         """Rows: ground truth | reconstruction | prediction (target frames) of the first sample."""
         truth = preprocess_images(batch["obs"][0], self.cfg.data.img_size)  # (T, 3, S, S)
-        rows, labels = [truth, out["recon"][0].float()], ["ground truth", "reconstruction"]
+        rows, labels = [truth], ["ground truth"]
+        if "recon" in out:  # models without a decoder have no images but the ground truth
+            rows.append(out["recon"][0].float())
+            labels.append("reconstruction")
         if "pred_image" in out:
             pred = out["pred_image"][0].float()
             pad = truth.shape[0] - pred.shape[0]  # predictions start at frame num_pred
@@ -439,6 +474,7 @@ class Trainer:
             "world_size": self.dist.world_size,
             "nonfinite_skips": self.nonfinite_skips,
             "fingerprints": self.fingerprints,
+            "schedule": self.schedule.to_dict(),
         }
 
     def save(self, keep_as: int | None = None) -> Path:
@@ -465,14 +501,20 @@ class Trainer:
         for p in numbered[:-keep]:
             p.unlink(missing_ok=True)
 
-    def _load_model_weights(self, weights: dict) -> None:
-        """Load model weights; the frozen encoder's may be absent (it comes from model.encoder_weights)."""
+    def _load_model_weights(self, weights: dict, init: bool = False) -> None:
+        """Load model weights; the frozen encoder's may be absent (it comes from model.encoder_weights), and
+        when starting a run (init) from weights without any decoder (an imported predictor), the decoder's."""
         try:
             missing, unexpected = self.model.load_state_dict(weights, strict=False)
         except RuntimeError as e:  # shape mismatches
             raise CheckpointError(f"the checkpoint's weights do not fit the configured model (check model.* and "
                              f"data.* settings): {str(e).splitlines()[-1].strip()}") from None
-        missing = [k for k in missing if not k.startswith("encoder.")]
+        optional = ("encoder.",)
+        if init and not any(k.startswith("decoder.") for k in weights):
+            optional += ("decoder.",)
+            if any(k.startswith("decoder.") for k in missing):
+                log.info("init: the weights hold no decoder; the decoder starts from its initialisation")
+        missing = [k for k in missing if not k.startswith(optional)]
         if missing or unexpected:
             raise CheckpointError(f"the checkpoint's weights do not match the configured model: missing "
                              f"{missing[:5]}, unexpected {unexpected[:5]} (check model.* and data.* settings)")
@@ -492,6 +534,13 @@ class Trainer:
                         group[key] = value
         self.step, self.epoch, self.batch_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]
         self.nonfinite_skips = ckpt.get("nonfinite_skips", 0)
+        if "schedule" in ckpt:  # the curve the run started on (older checkpoints: constant, from the config)
+            saved = Schedule(**ckpt["schedule"])
+            if not saved.same_curve(Schedule.from_config(self.cfg.optim, saved.total_steps)):
+                raise ConfigError(f"--resume: the checkpoint's learning-rate schedule {saved.to_dict()} differs "
+                                  f"from optim.schedule/warmup_steps/min_lr_ratio/decay_fraction of the config; "
+                                  f"resume with the same values, or start a new run with --init-from")
+            self.schedule = saved
         log.info("resumed at step %d (epoch %d, batch %d)", self.step, self.epoch, self.batch_in_epoch)
 
     def _check_fingerprints(self, ckpt: dict, what: str) -> None:

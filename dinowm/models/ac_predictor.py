@@ -1,5 +1,5 @@
 """The action-conditioned predictor of V-JEPA 2-AC (`ACPredictor`), our own definition with the official
-parameter names (docs: "AC predictor").
+parameter names (docs/contract.md §11; docs/ac_predictor.md).
 
     x: (B, T, P, D_enc) encoder features (or earlier raw predictions), P = H*W patches row-major
     actions: (B, T, A), states: (B, T, S)       the action taken after frame t and the state at frame t
@@ -158,6 +158,7 @@ class ACPredictor(nn.Module):
         self.attention_backend = attention_backend
         self.ln_backend = layernorm_linear_backend
         self.predictor_embed = nn.Linear(visual_dim, dim)
+        self.embed_tap = nn.Identity()  # a stage for `train.py --inspect` hooks (the fused op has no module)
         self.action_encoder = nn.Linear(action_dim, dim)
         self.state_encoder = nn.Linear(state_dim, dim)
         self.predictor_blocks = nn.ModuleList([
@@ -221,6 +222,7 @@ class ACPredictor(nn.Module):
         b, t, p, _ = x.shape
         tokens = layernorm_linear(x, None, None, self.predictor_embed.weight, self.predictor_embed.bias,
                                   INPUT_LN_EPS, backend=self.ln_backend)  # (B, T, P, d)
+        tokens = self.embed_tap(tokens)
         action_tok = self.action_encoder(actions)[:, :, None].to(tokens.dtype)  # (B, T, 1, d)
         state_tok = self.state_encoder(states)[:, :, None].to(tokens.dtype)  # (B, T, 1, d)
         seq = torch.cat([action_tok, state_tok, tokens], dim=2).flatten(1, 2)  # (B, T * N_T, d), interleaved

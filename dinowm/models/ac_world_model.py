@@ -1,5 +1,5 @@
-"""The V-JEPA 2-AC world model (docs: "AC predictor"): frozen DINOv2 encoder, the action-conditioned
-predictor and an optional VQ-VAE decoder.
+"""The V-JEPA 2-AC world model: frozen DINOv2 encoder, the action-conditioned
+predictor and an optional VQ-VAE decoder (docs/ac_predictor.md).
 
 Latents z are the encoder features after a parameter-free layer norm (eps 1e-5): z: (B, T, P, D_enc).
 The predictor applies that layer norm itself (fused with `predictor_embed`), so it is fed raw features
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from .ac_predictor import ACPredictor, KVCache
 from .decoder import VQVAEDecoder
-from .encoder import DinoV2Encoder
+from .encoder import DinoV2Encoder, build_encoder
 from .world_model import VWorldModel
 
 LATENT_LN_EPS = 1e-5
@@ -142,3 +142,18 @@ class ACWorldModel(nn.Module):
         if self.decoder is not None:
             groups["decoder"] = [p for p in self.decoder.parameters() if p.requires_grad]
         return groups
+
+
+def build_ac_world_model(model_cfg, data_cfg, action_dim: int) -> ACWorldModel:
+    """The AC world model of a ModelConfig + DataConfig: actions are action_dim * frameskip wide, states the
+    data.proprio_start:proprio_end slice of the state."""
+    encoder = build_encoder(model_cfg)
+    grid = model_cfg.encoder_image_size // encoder.patch_size
+    predictor = ACPredictor(
+        visual_dim=encoder.emb_dim, action_dim=action_dim * data_cfg.frameskip,
+        state_dim=data_cfg.proprio_end - data_cfg.proprio_start, grid=(grid, grid), dim=model_cfg.ac_dim,
+        depth=model_cfg.ac_depth, heads=model_cfg.ac_heads, mlp_ratio=model_cfg.ac_mlp_ratio,
+        rope_legacy=model_cfg.rope_legacy, attention_backend=model_cfg.attention_backend,
+        layernorm_linear_backend=model_cfg.layernorm_linear_backend)
+    decoder = VQVAEDecoder(emb_dim=encoder.emb_dim) if model_cfg.ac_decoder else None
+    return ACWorldModel(encoder, predictor, decoder, auto_steps=model_cfg.auto_steps)

@@ -1,8 +1,10 @@
-"""DINOv2 ViT-S/14 image encoder (frozen), our own definition with the official parameter names.
+"""DINOv2 ViT/14 image encoder (frozen), our own definition with the official parameter names.
 
 Architecture (docs/contract.md §3, official `dinov2_vits14`): patch 14, width 384, depth 12, 6 heads, MLP 1536
 (exact GELU), qkv with bias, LayerScale on both residual branches (`ls1.gamma`, `ls2.gamma`),
-pre-norm, LayerNorm eps 1e-6, a cls token, no register tokens, a final `norm`.
+pre-norm, LayerNorm eps 1e-6, a cls token, no register tokens, a final `norm`. The official
+`dinov2_vitb14` (768 wide, 12 heads) and `dinov2_vitl14` (1024 wide, depth 24, 16 heads) have the same
+layout and key names with other sizes (`VARIANTS`); all use MLP 4x width.
 
     images (B, 3, S, S) in [-1, 1]
       -> resize to image_size (bilinear, antialias) if S != image_size
@@ -41,6 +43,11 @@ WIDTH = 384
 DEPTH = 12
 HEADS = 6
 MLP_DIM = 1536
+VARIANTS = {  # name: (width, depth, heads); MLP 4 * width
+    "vits14": (384, 12, 6),
+    "vitb14": (768, 12, 12),
+    "vitl14": (1024, 24, 16),
+}
 OFFICIAL_GRID = 37  # the official checkpoint was trained at 518 px: 37 x 37 patches
 INTERPOLATE_OFFSET = 0.1  # compat: the official "historical kludge" in interpolate_pos_encoding
 
@@ -127,25 +134,30 @@ class Block(nn.Module):
 
 
 class DinoV2Encoder(nn.Module):
-    """Frozen DINOv2 ViT-S/14. forward: images (B, 3, S, S) in [-1, 1] -> patch tokens (B, g*g, 384)."""
+    """Frozen DINOv2 ViT/14 (default ViT-S/14). forward: images (B, 3, S, S) in [-1, 1] -> patch tokens
+    (B, g*g, emb_dim), emb_dim 384 / 768 / 1024 for vits14 / vitb14 / vitl14."""
 
     patch_size = PATCH_SIZE
-    emb_dim = WIDTH
 
-    def __init__(self, image_size: int = 224):
+    def __init__(self, image_size: int = 224, variant: str = "vits14"):
         super().__init__()
         if image_size % PATCH_SIZE != 0:
             raise ValueError(f"encoder image_size {image_size} is not a multiple of the patch size {PATCH_SIZE}")
+        if variant not in VARIANTS:
+            raise ValueError(f"encoder variant {variant!r} unknown; choose one of {', '.join(VARIANTS)}")
+        width, depth, heads = VARIANTS[variant]
+        self.variant = variant
+        self.emb_dim = width
         self.image_size = image_size
         self.grid = image_size // PATCH_SIZE
         self.num_patches = self.grid * self.grid
         # parameter names and shapes are those of the official checkpoint (docs/contract.md §3)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, WIDTH))
-        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + OFFICIAL_GRID * OFFICIAL_GRID, WIDTH))
-        self.mask_token = nn.Parameter(torch.zeros(1, WIDTH))  # unused (masked-image training only)
-        self.patch_embed = PatchEmbed()
-        self.blocks = nn.ModuleList([Block() for _ in range(DEPTH)])
-        self.norm = nn.LayerNorm(WIDTH, eps=1e-6)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + OFFICIAL_GRID * OFFICIAL_GRID, width))
+        self.mask_token = nn.Parameter(torch.zeros(1, width))  # unused (masked-image training only)
+        self.patch_embed = PatchEmbed(dim=width)
+        self.blocks = nn.ModuleList([Block(width, heads, 4 * width) for _ in range(depth)])
+        self.norm = nn.LayerNorm(width, eps=1e-6)
         self._init_weights()
         self.requires_grad_(False)
 
@@ -158,7 +170,7 @@ class DinoV2Encoder(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def load_official(self, path) -> None:
-        """Load the official `dinov2_vits14_pretrain.pth` state dict (strict; exact official keys)."""
+        """Load the official `dinov2_<variant>_pretrain.pth` state dict (strict; exact official keys)."""
         path = Path(path)
         if not path.is_file():
             raise EncoderWeightsError(f"{path}: DINOv2 encoder weights not found (model.encoder_weights)")
@@ -170,22 +182,22 @@ class DinoV2Encoder(nn.Module):
             raise EncoderWeightsError(f"{path}: not a readable DINOv2 state dict ({type(e).__name__}: "
                                       f"{detail[:200]})") from None
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-            raise EncoderWeightsError(f"{path}: expected a state dict of tensors (dinov2_vits14_pretrain.pth), "
+            raise EncoderWeightsError(f"{path}: expected a state dict of tensors (dinov2_{self.variant}_pretrain.pth), "
                              f"got {type(state).__name__}")
         own = self.state_dict()
         missing = sorted(set(own) - set(state))
         unexpected = sorted(set(state) - set(own))
         if missing or unexpected:
-            raise EncoderWeightsError(f"{path}: not a DINOv2 ViT-S/14 checkpoint: missing keys {_short(missing)}, "
+            raise EncoderWeightsError(f"{path}: not a DINOv2 {self.variant} checkpoint: missing keys {_short(missing)}, "
                              f"unexpected keys {_short(unexpected)}")
         wrong = [f"{k} {tuple(state[k].shape)} (expected {tuple(v.shape)})" for k, v in own.items()
                  if state[k].shape != v.shape]
         if wrong:
-            raise EncoderWeightsError(f"{path}: shape mismatch, not ViT-S/14: {_short(wrong)}")
+            raise EncoderWeightsError(f"{path}: shape mismatch, not DINOv2 {self.variant} (model.encoder): {_short(wrong)}")
         self.load_state_dict(state, strict=True)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """images: (B, 3, S, S) in [-1, 1] -> normalised patch tokens (B, g*g, 384)."""
+        """images: (B, 3, S, S) in [-1, 1] -> normalised patch tokens (B, g*g, emb_dim)."""
         if images.shape[-1] != self.image_size or images.shape[-2] != self.image_size:
             images = F.interpolate(images, size=(self.image_size, self.image_size), mode="bilinear",
                                    align_corners=False, antialias=True)
@@ -206,13 +218,13 @@ def _short(items, n: int = 5) -> str:
 
 def build_encoder(model_cfg) -> DinoV2Encoder:
     """The frozen encoder of model_cfg: official weights from model_cfg.encoder_weights, else random (warned)."""
-    encoder = DinoV2Encoder(model_cfg.encoder_image_size)
+    encoder = DinoV2Encoder(model_cfg.encoder_image_size, model_cfg.encoder)
     if model_cfg.encoder_weights:
         encoder.load_official(model_cfg.encoder_weights)
-        log.info("encoder: DINOv2 ViT-S/14 weights loaded from %s", model_cfg.encoder_weights)
+        log.info("encoder: DINOv2 %s weights loaded from %s", model_cfg.encoder, model_cfg.encoder_weights)
     else:
         msg = ("model.encoder_weights is empty: the DINOv2 encoder is RANDOMLY INITIALISED "
-               "(set it to a local dinov2_vits14_pretrain.pth for meaningful features)")
+               f"(set it to a local dinov2_{model_cfg.encoder}_pretrain.pth for meaningful features)")
         warnings.warn(msg, stacklevel=2)
         log.warning(msg)
     return encoder

@@ -158,7 +158,7 @@ class VWorldModel(nn.Module):
     # ------------------------------------------------------------------------------------------
     def rollout(self, obs0: torch.Tensor, proprio0: torch.Tensor, actions: torch.Tensor,
                 visual0: torch.Tensor | None = None) -> dict:
-        """obs0 (B, num_hist, 3, S, S), proprio0 (B, num_hist, Dp), actions (B, num_hist + H, Da)
+        """obs0 (B, num_hist, 3, S, S), proprio0 (B, >= num_hist, Dp), actions (B, num_hist + H, Da)
         -> {"z": (B, num_hist + H, P', D)}: the encoded context, then one predicted latent per further action.
 
         Each step predicts from the last num_hist latents, takes the last predicted frame and overwrites
@@ -166,12 +166,13 @@ class VWorldModel(nn.Module):
         The last action is embedded into the last latent but not rolled past (the original predicts once
         more after it): every returned latent has a ground-truth frame to compare with.
         Differentiable with respect to the actions (gradient-based planning); wrap in `torch.no_grad()`
-        for evaluation.
+        for evaluation. Only the context
+        frames' proprio is used (later proprio is predicted), so callers may pass every known frame's.
         """
         h0 = obs0.shape[1] if visual0 is None else visual0.shape[1]
         if visual0 is None:
             visual0 = self.encode_visual(obs0)
-        z = self.embed(visual0, proprio0, actions[:, :h0])  # (B, h0, P', D)
+        z = self.embed(visual0, proprio0[:, :h0], actions[:, :h0])  # (B, h0, P', D)
         for t in range(h0, actions.shape[1]):
             z_new = self.predict(z[:, -self.num_hist:])[:, -1:]  # (B, 1, P', D)
             z_new = self.replace_action(z_new, actions[:, t:t + 1])
@@ -188,8 +189,13 @@ class VWorldModel(nn.Module):
         }
 
 
-def build_world_model(model_cfg, data_cfg, action_dim: int = 9) -> VWorldModel:
-    """The world model of a ModelConfig + DataConfig. action_dim: raw action dims per step (Franka: 9)."""
+def build_world_model(model_cfg, data_cfg, action_dim: int = 9):
+    """The world model of a ModelConfig + DataConfig (either family). action_dim: raw action dims per step
+    (Franka: 9)."""
+    if model_cfg.predictor == "ac":
+        from .ac_world_model import build_ac_world_model  # it builds on this module
+
+        return build_ac_world_model(model_cfg, data_cfg, action_dim)
     encoder = build_encoder(model_cfg)
     grid = model_cfg.encoder_image_size // encoder.patch_size
     num_patches = grid * grid
