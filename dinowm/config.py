@@ -47,6 +47,12 @@ class DataConfig:
     proprio_start: int = 0
     """Proprio = state[..., proprio_start:proprio_end] (default: end-effector position)."""
     proprio_end: int = 3
+    state_dim: int = 22
+    """Width of the dataset's states: the Franka layout (22) is checked by default; another robot's width, or 0
+    to take it from states.pth. Recorded in checkpoints."""
+    action_dim: int = 9
+    """Width of the dataset's raw actions per step: Franka 9 by default; another width, or 0 to take it from
+    actions.pth. Recorded in checkpoints."""
     split_ratio: float = 0.9
     """Fraction of episodes used for training (split by episode)."""
     split_seed: int = 42
@@ -219,8 +225,10 @@ class Config:
         _check(d.num_hist >= 1, "data.num_hist", d.num_hist, "must be >= 1")
         _check(1 <= d.num_pred <= d.num_hist, "data.num_pred", d.num_pred, "must be between 1 and data.num_hist")
         _check(0.0 < d.split_ratio < 1.0, "data.split_ratio", d.split_ratio, "must be in (0, 1)")
-        _check(0 <= d.proprio_start < d.proprio_end <= 22, "data.proprio_end", d.proprio_end,
-               "proprio must be a non-empty slice of the 22 state dims")
+        _check(d.state_dim >= 0 and d.action_dim >= 0, "data.state_dim", (d.state_dim, d.action_dim),
+               "data.state_dim and data.action_dim must be >= 0 (0: the width of the files)")
+        _check(0 <= d.proprio_start < d.proprio_end <= (d.state_dim or d.proprio_end), "data.proprio_end", d.proprio_end,
+               f"proprio must be a non-empty slice of the {d.state_dim or 'D'} state dims")
         _check_choice("data.normalization", d.normalization, ("train", "compat"))
         _check(d.img_size % 16 == 0, "data.img_size", d.img_size, "must be a multiple of 16 (the decoder upsamples 16x)")
         _check(m.encoder_image_size % 14 == 0, "model.encoder_image_size", m.encoder_image_size,

@@ -111,7 +111,12 @@ class Trainer:
             self._check_fingerprints(checkpoint, "dataset")
 
         # model and optimisers
-        self.model = build_world_model(cfg.model, cfg.data).to(self.device)
+        ds = self.data.dataset  # widths of the files (the Franka layout, or another robot's); in checkpoints
+        self.data_widths = {"state": int(ds.states.shape[-1]), "action": int(ds.actions.shape[-1])}
+        if checkpoint and checkpoint.get("data_widths", self.data_widths) != self.data_widths:
+            raise CheckpointError(f"--resume: the run was trained on state/action widths {checkpoint['data_widths']}, "
+                                  f"but the dataset at data.path has {self.data_widths}; resume with that run's data")
+        self.model = build_world_model(cfg.model, cfg.data, action_dim=self.data_widths["action"]).to(self.device)
         self.optimizers = build_optimizers(self.model, cfg.optim)
         self.step = self.epoch = self.batch_in_epoch = self.nonfinite_skips = 0
         if cfg.model.encoder_weights:  # before a checkpoint is loaded: of the weights file given now
@@ -128,7 +133,8 @@ class Trainer:
             self._check_fingerprints(checkpoint, "encoder")
         if t.compile:  # Module.compile keeps the state-dict keys (no "_orig_mod." prefix)
             self.model.predictor.compile()
-            self.model.decoder.compile()
+            if self.model.decoder is not None:
+                self.model.decoder.compile()
         # DDP averages the gradients of whatever trainable parameters the model has (rank 0's weights
         # and buffers are broadcast at construction; no buffer changes while training, so no broadcast per
         # step); validation and rollouts use self.model directly
@@ -475,6 +481,7 @@ class Trainer:
             "nonfinite_skips": self.nonfinite_skips,
             "fingerprints": self.fingerprints,
             "schedule": self.schedule.to_dict(),
+            "data_widths": self.data_widths,
         }
 
     def save(self, keep_as: int | None = None) -> Path:

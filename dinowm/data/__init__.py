@@ -76,8 +76,11 @@ def build_data(cfg: DataConfig, stats: NormStats | None = None) -> DataBundle:
     root = Path(cfg.path).expanduser()
     if cfg.demo_episodes > 0 and not demo_dataset_is_current(root, cfg.demo_episodes, cfg.demo_frames):
         generate_demo_dataset(root, cfg.demo_episodes, cfg.demo_frames)
-    ds = load_franka_dataset(root)
+    ds = load_franka_dataset(root, state_dim=cfg.state_dim, action_dim=cfg.action_dim)
     proprio_slice = slice(cfg.proprio_start, cfg.proprio_end)
+    if cfg.proprio_end > ds.states.shape[-1]:
+        raise DatasetError(f"{root / 'states.pth'}: states have {ds.states.shape[-1]} dims, but data.proprio_end = "
+                           f"{cfg.proprio_end}; choose a slice within them")
 
     train_ids, val_ids = split_episodes(ds.num_episodes, cfg.split_ratio, cfg.split_seed)
     if not train_ids:
@@ -86,7 +89,7 @@ def build_data(cfg: DataConfig, stats: NormStats | None = None) -> DataBundle:
     if stats is None:
         stats = compute_norm_stats(ds, train_ids, proprio_slice, mode=cfg.normalization)
     else:
-        stats.check(proprio_dim=len(range(22)[proprio_slice]))
+        stats.check(proprio_dim=len(range(ds.states.shape[-1])[proprio_slice]), action_dim=ds.actions.shape[-1])
 
     num_frames = cfg.num_hist + cfg.num_pred
     train = FrameWindows(ds, train_ids, num_frames, cfg.frameskip, stats, proprio_slice)

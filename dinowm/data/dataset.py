@@ -78,11 +78,14 @@ def is_dataset_dir(path: str | Path) -> bool:
     return (Path(path) / "states.pth").is_file()
 
 
-def load_franka_dataset(root: str | Path, load_frames: bool = True) -> FrankaDataset:
+def load_franka_dataset(root: str | Path, load_frames: bool = True, state_dim: int = STATE_DIM,
+                        action_dim: int = ACTION_DIM) -> FrankaDataset:
     """Load and validate a dataset folder (layout in the module docstring).
 
     Returns states (N, T_max, 22) and actions (N, T_max, 9) as float32, seq_lengths, metadata and, with
     `load_frames`, all frames concatenated (sum_i T_i, H, W, 3) uint8. Raises DatasetError on any problem.
+    state_dim / action_dim: the widths the files must have (the Franka layout by default; 0: any width,
+    e.g. another arm's, taken from the files).
     """
     root = Path(root)
     if not root.is_dir():
@@ -94,8 +97,8 @@ def load_franka_dataset(root: str | Path, load_frames: bool = True) -> FrankaDat
             raise DatasetError(f"{root / name}: file missing; a dataset folder needs {', '.join(REQUIRED_FILES)} "
                                f"(docs/contract.md §1); check data.path points at the dataset itself, not its parent")
 
-    states = _load_array(root / "states.pth", "states", STATE_DIM)
-    actions = _load_array(root / "actions.pth", "actions", ACTION_DIM)
+    states = _load_array(root / "states.pth", "states", state_dim, "data.state_dim")
+    actions = _load_array(root / "actions.pth", "actions", action_dim, "data.action_dim")
     if actions.shape[:2] != states.shape[:2]:
         raise DatasetError(f"{root / 'actions.pth'}: shape {tuple(actions.shape)} does not match states.pth "
                            f"{tuple(states.shape)} in (episodes, steps); both must be (N, T_max, .) for the same N and T_max")
@@ -145,10 +148,13 @@ def _load_pickle(path: Path):
                            f"the file is corrupt or not written with pickle.dump: re-export it") from None
 
 
-def _load_array(path: Path, name: str, dim: int) -> Tensor:
+def _load_array(path: Path, name: str, dim: int, key: str) -> Tensor:
     x = _load_tensor(path)
-    if x.dim() != 3 or x.shape[-1] != dim:
+    if x.dim() == 3 and dim and x.shape[-1] != dim:
         raise DatasetError(f"{path}: {name} must have shape (N_episodes, T_max, {dim}), got {tuple(x.shape)}; "
+                           f"for another robot's layout set {key} = {x.shape[-1]} (or 0: take the width from the file)")
+    if x.dim() != 3:
+        raise DatasetError(f"{path}: {name} must have shape (N_episodes, T_max, {dim or 'D'}), got {tuple(x.shape)}; "
                            f"re-export it in the Franka format (docs/contract.md §1)")
     if not (x.is_floating_point() or x.dtype in (torch.int32, torch.int64)):
         raise DatasetError(f"{path}: {name} must be float32, got {x.dtype}; re-export it as float32")

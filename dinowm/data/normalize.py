@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .dataset import ACTION_DIM, FrankaDataset
+from .dataset import FrankaDataset
 
 STD_FLOOR = 1e-6
 MODES = ("train", "compat")
@@ -65,12 +65,14 @@ class NormStats:
         stats.check()
         return stats
 
-    def check(self, proprio_dim: int | None = None) -> "NormStats":
-        """Shapes (9,) / (Dp,), means and stds paired, finite, std > 0; optionally Dp == proprio_dim."""
+    def check(self, proprio_dim: int | None = None, action_dim: int | None = None) -> "NormStats":
+        """Shapes (Da,) / (Dp,) (Franka: 9 / 3), means and stds paired, finite, std > 0; optionally
+        Dp == proprio_dim and Da == action_dim."""
         a, p = self.action_mean.shape, self.proprio_mean.shape
         problems = []
-        if a != (ACTION_DIM,) or self.action_std.shape != a:
-            problems.append(f"action mean/std have shapes {tuple(a)}/{tuple(self.action_std.shape)}, expected ({ACTION_DIM},)")
+        if len(a) != 1 or self.action_std.shape != a or (action_dim is not None and a[0] != action_dim):
+            expected = f"({action_dim},)" if action_dim is not None else "(Da,)"
+            problems.append(f"action mean/std have shapes {tuple(a)}/{tuple(self.action_std.shape)}, expected {expected}")
         if len(p) != 1 or self.proprio_std.shape != p:
             problems.append(f"proprio mean/std have shapes {tuple(p)}/{tuple(self.proprio_std.shape)}, expected (Dp,)")
         elif proprio_dim is not None and p[0] != proprio_dim:

@@ -59,7 +59,7 @@ class FrameWindows(Dataset):
         """Valid steps one sample needs."""
 
         # normalised per-step values of the whole dataset, computed once (padding rows are never gathered)
-        stats.check(proprio_dim=ds.states[:0, :0, proprio_slice].shape[-1])
+        stats.check(proprio_dim=ds.states[:0, :0, proprio_slice].shape[-1], action_dim=ds.actions.shape[-1])
         self.actions = stats.normalize_action(ds.actions).contiguous()  # (N, T_max, 9)
         self.proprio = stats.normalize_proprio(ds.states[..., proprio_slice]).contiguous()  # (N, T_max, Dp)
 

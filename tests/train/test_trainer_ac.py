@@ -4,9 +4,10 @@ import json
 import pytest
 import torch
 
-from dinowm.checkpoint import load_checkpoint
+from dinowm.checkpoint import CheckpointError, load_checkpoint
 from dinowm.cli import train
 from dinowm.config import ConfigError
+from dinowm.data import DatasetError
 from franka_fixtures import write_franka_dataset
 from test_trainer import TINY, interrupt_at, train_losses
 
@@ -114,3 +115,27 @@ def test_inspect_prints_every_stage_of_one_batch_and_exits(dataset, tmp_path, ca
         block = next(line for line in lines if line.startswith("predictor.predictor_blocks.0 "))
         assert "[4, 18, 48]" in block
     assert not (tmp_path / "run" / "metrics.jsonl").exists() or not (tmp_path / "run" / "metrics.jsonl").read_text()
+
+
+def other_arm(dataset):
+    """The fixture's dataset as another robot's: 7-d actions, 14-d states."""
+    for name, width in (("actions.pth", 7), ("states.pth", 14)):
+        torch.save(torch.load(dataset / name)[..., :width].clone(), dataset / name)
+    return dataset
+
+
+def test_other_action_and_state_widths_come_from_the_files_and_are_checked(tmp_path):
+    franka = write_franka_dataset(tmp_path / "franka", lengths=(20, 16, 24, 18, 22), hw=(32, 32))
+    arm = other_arm(write_franka_dataset(tmp_path / "arm", lengths=(20, 16, 24, 18, 22), hw=(32, 32)))
+    with pytest.raises(DatasetError, match=r"actions\.pth.*set data\.action_dim = 7"):
+        run(arm, tmp_path / "a", "--training.max_steps", "1")
+    widths = ["--data.action_dim", "0", "--data.state_dim", "0", "--training.max_steps", "1"]
+    run(arm, tmp_path / "ac", *widths)
+    ckpt = load_checkpoint(tmp_path / "ac")
+    assert ckpt["data_widths"] == {"state": 14, "action": 7}
+    assert ckpt["model"]["predictor.action_encoder.weight"].shape == (48, 7 * 2)  # 7 per step x frameskip 2
+    with pytest.raises(CheckpointError, match=r"state/action widths \{'state': 14, 'action': 7\}"):
+        train(["--resume", str(tmp_path / "ac"), "--data.path", str(franka), "--training.max_steps", "2"])
+    train(["--config", "demo.toml", "--data.path", str(arm), "--data.demo_episodes", "0", "--out",
+           str(tmp_path / "vit"), *TINY, *widths])  # the DINO-WM family too
+    assert load_checkpoint(tmp_path / "vit")["model"]["action_encoder.patch_embed.weight"].shape[1] == 7 * 2
