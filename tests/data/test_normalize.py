@@ -117,8 +117,10 @@ def test_from_dict_errors():
     good = {"action_mean": [0.0] * 9, "action_std": [1.0] * 9, "proprio_mean": [0.0] * 3, "proprio_std": [1.0] * 3}
     with pytest.raises(ValueError, match="missing proprio_std"):
         NormStats.from_dict({k: v for k, v in good.items() if k != "proprio_std"})
+    with pytest.raises(ValueError, match="action mean/std have shapes \\(8,\\)/\\(9,\\)"):
+        NormStats.from_dict({**good, "action_mean": [0.0] * 8})  # any width (another arm), but paired
     with pytest.raises(ValueError, match="expected \\(9,\\)"):
-        NormStats.from_dict({**good, "action_mean": [0.0] * 8})
+        NormStats.from_dict({**good, "action_mean": [0.0] * 7, "action_std": [1.0] * 7}).check(action_dim=9)
     with pytest.raises(ValueError, match="std is <= 0"):
         NormStats.from_dict({**good, "proprio_std": [1.0, 0.0, 1.0]})
     with pytest.raises(ValueError, match="not finite"):

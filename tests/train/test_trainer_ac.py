@@ -36,7 +36,7 @@ def records(run_dir, split):
 
 def test_ac_run_writes_losses_baseline_rollout_metrics_and_schedule(dataset, tmp_path):
     out = tmp_path / "run"
-    run(dataset, out, "--training.epochs", "2")
+    run(dataset, out, "--training.epochs", "2", "--optim.schedule", "cosine")
     val = records(out, "val")
     assert len(val) == 2
     for key in ("val_loss", "val_z_tf_loss", "val_z_rollout_loss", "val_copy_last_loss", "val_decoder_recon_loss",
@@ -56,7 +56,8 @@ def test_ac_run_writes_losses_baseline_rollout_metrics_and_schedule(dataset, tmp
 
 def test_learning_rate_follows_the_schedule(dataset, tmp_path):
     out = tmp_path / "run"
-    run(dataset, out, "--training.max_steps", "6", "--optim.warmup_steps", "2", "--optim.predictor_lr", "1e-3")
+    run(dataset, out, "--training.max_steps", "6", "--optim.schedule", "cosine", "--optim.warmup_steps", "2",
+        "--optim.predictor_lr", "1e-3")
     lr = load_checkpoint(out)["optimizers"]["predictor"]["param_groups"][0]["lr"]
     # step index 5 of 6 (the last): cosine from 1e-3 at step 2 to 0 at step 6: u = 3/4
     assert lr == pytest.approx(1e-3 * 0.5 * (1 + torch.cos(torch.tensor(0.75 * torch.pi)).item()), rel=1e-6)
@@ -79,7 +80,7 @@ def test_ac_resume_continues_exactly_with_rollout_loss_and_schedule(dataset, tmp
 def test_resume_refuses_another_schedule(dataset, tmp_path):
     run(dataset, tmp_path / "a", "--training.max_steps", "1")
     with pytest.raises(ConfigError, match="learning-rate schedule"):
-        train(["--resume", str(tmp_path / "a"), "--optim.schedule", "wsd"])
+        train(["--resume", str(tmp_path / "a"), "--optim.schedule", "constant"])
 
 
 def test_ac_without_decoder(dataset, tmp_path):
