@@ -1,5 +1,6 @@
-"""The demo's time budget: `python train.py --config demo.toml` on a fresh dataset path, start to finish
-(dataset generation of 8 episodes, feature cache, 4 epochs), against the README's promise of 10 minutes on 2 CPU cores.
+"""The demos' time budget: `python train.py --config demo.toml` (and `demo_ac.toml`, the AC predictor) on
+a fresh dataset path, start to finish (dataset generation, feature cache, all epochs), against the README's
+promise of 10 minutes on 2 CPU cores.
 
     pytest bench/bench_demo.py --benchmark-only       # the full demo, timed once (minutes)
     pytest bench/bench_demo.py --benchmark-disable    # a 2-step run of the demo config on 2 tiny episodes
@@ -8,16 +9,24 @@ Records seconds and the ratio to the budget (`budget_ratio` < 1: within budget) 
 """
 from __future__ import annotations
 
+import pytest
+
 from dinowm.cli import train
 
 BUDGET_S = 600.0
 
 
-def test_demo_run(benchmark, request, tmp_path):
+# config: (its own demo_episodes, given so the fresh --data.path is generated; frames of a quick episode)
+DEMOS = {"demo.toml": (8, 40), "demo_ac.toml": (8, 90)}
+
+
+@pytest.mark.parametrize("config", list(DEMOS))
+def test_demo_run(benchmark, request, tmp_path, config):
     quick = request.config.getoption("benchmark_disable")
-    extra = ["--data.demo_episodes", "2", "--data.demo_frames", "40", "--training.max_steps", "2"] if quick else \
-        ["--data.demo_episodes", "8"]  # demo.toml's own value, given so the fresh --data.path is generated
-    args = ["--config", "demo.toml", "--data.path", str(tmp_path / "data"), "--out", str(tmp_path / "run"),
+    episodes, quick_frames = DEMOS[config]
+    extra = ["--data.demo_episodes", "2", "--data.demo_frames", str(quick_frames), "--training.max_steps", "2"] \
+        if quick else ["--data.demo_episodes", str(episodes)]
+    args = ["--config", config, "--data.path", str(tmp_path / "data"), "--out", str(tmp_path / "run"),
             "--logging.progress_bar", "false", *extra]
     last = benchmark.pedantic(lambda: train(args), rounds=1, iterations=1)
     assert last["loss"] == last["loss"]  # finite

@@ -49,6 +49,7 @@ from kernels.reference import ac_token_positions, apply_rope_ref, rope_tables
 
 COND_TOKENS = 2  # action, state
 INPUT_LN_EPS = 1e-5  # the parameter-free layer norm of the features (as the official training script)
+INIT_STD = 0.02
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,7 +146,7 @@ class ACPredictor(nn.Module):
 
     def __init__(self, visual_dim: int, action_dim: int, state_dim: int, grid: tuple[int, int],
                  dim: int = 384, depth: int = 24, heads: int = 16, mlp_ratio: float = 4.0, rope_legacy: bool = False,
-                 attention_backend: str = "auto", layernorm_linear_backend: str = "auto", init_std: float = 0.02):
+                 attention_backend: str = "auto", layernorm_linear_backend: str = "auto"):
         super().__init__()
         if dim % heads != 0:
             raise ValueError(f"ACPredictor: width {dim} is not a multiple of heads {heads}")
@@ -166,7 +167,7 @@ class ACPredictor(nn.Module):
             for _ in range(depth)])
         self.predictor_norm = nn.LayerNorm(dim, eps=1e-6)
         self.predictor_proj = nn.Linear(dim, visual_dim)
-        self._init_weights(init_std)
+        self._init_weights(INIT_STD)
         self._layouts: dict = {}
 
     def _init_weights(self, std: float) -> None:

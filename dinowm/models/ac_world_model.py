@@ -48,7 +48,6 @@ class ACWorldModel(nn.Module):
         self.predictor = predictor
         self.decoder = decoder
         self.auto_steps = auto_steps
-        self.visual_dim = encoder.emb_dim
         self.encoder.requires_grad_(False)
 
     # the same definitions as the DINO world model's (they only use self.encoder, self.decoder, self.split)

@@ -138,3 +138,20 @@ def test_build_encoder_loads_weights(official):
     sd, path = official
     enc = build_encoder(ModelConfig(encoder_image_size=56, encoder_weights=str(path)))
     assert torch.equal(enc.pos_embed, sd["pos_embed"])
+
+
+@pytest.mark.parametrize("variant,width,depth", [("vitb14", 768, 12), ("vitl14", 1024, 24)])
+def test_larger_variants_have_the_official_key_layout(variant, width, depth):
+    with torch.device("meta"):
+        enc = DinoV2Encoder(224, variant)
+    shapes = {k: tuple(v.shape) for k, v in enc.state_dict().items()}
+    assert enc.emb_dim == width and len(enc.blocks) == depth
+    last = f"blocks.{depth - 1}."
+    assert shapes["pos_embed"] == (1, 1370, width) and shapes["patch_embed.proj.weight"] == (width, 3, 14, 14)
+    assert shapes[last + "attn.qkv.weight"] == (3 * width, width) and shapes[last + "mlp.fc1.weight"] == (4 * width, width)
+    assert shapes[last + "ls2.gamma"] == (width,) and shapes["norm.weight"] == (width,)
+    assert set(shapes) == {"cls_token", "pos_embed", "mask_token", "patch_embed.proj.weight", "patch_embed.proj.bias",
+                           "norm.weight", "norm.bias"} | {f"blocks.{i}.{k}" for i in range(depth) for k in (
+        "norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight", "attn.proj.bias",
+        "ls1.gamma", "norm2.weight", "norm2.bias", "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight",
+        "mlp.fc2.bias", "ls2.gamma")}
