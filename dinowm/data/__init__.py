@@ -89,7 +89,10 @@ def build_data(cfg: DataConfig, stats: NormStats | None = None) -> DataBundle:
     if stats is None:
         stats = compute_norm_stats(ds, train_ids, proprio_slice, mode=cfg.normalization)
     else:
-        stats.check(proprio_dim=len(range(ds.states.shape[-1])[proprio_slice]), action_dim=ds.actions.shape[-1])
+        try:  # statistics of a checkpoint: they must fit this dataset's widths
+            stats.check(proprio_dim=len(range(ds.states.shape[-1])[proprio_slice]), action_dim=ds.actions.shape[-1])
+        except ValueError as e:
+            raise DatasetError(f"{root}: {e}") from None
 
     num_frames = cfg.num_hist + cfg.num_pred
     train = FrameWindows(ds, train_ids, num_frames, cfg.frameskip, stats, proprio_slice)

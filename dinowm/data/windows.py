@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .dataset import ACTION_DIM, DatasetError, FrankaDataset
+from .dataset import DatasetError, FrankaDataset
 from .normalize import NormStats
 
 
@@ -110,7 +110,7 @@ class FrameWindows(Dataset):
         t = start[:, None] + self._frame_steps[None, :]  # (B, F) step of each frame
         e = ep[:, None]  # (B, 1)
         action_t = start[:, None] + self._action_steps[None, :]  # (B, F * fs)
-        action = self.actions[e, action_t].reshape(b, f, fs * ACTION_DIM)  # (B, F*fs, 9) -> (B, F, fs*9), time-major
+        action = self.actions[e, action_t].reshape(b, f, -1)  # (B, F*fs, Da) -> (B, F, fs*Da), time-major
         frame_index = self.ds.frame_offsets[e] + t  # (B, F)
         out = {
             "proprio": self.proprio[e, t],  # (B, F, Dp)

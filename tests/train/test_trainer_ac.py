@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from dinowm.checkpoint import CheckpointError, load_checkpoint
+from dinowm.checkpoint import load_checkpoint
 from dinowm.cli import train
 from dinowm.config import ConfigError
 from dinowm.data import DatasetError
@@ -128,14 +128,14 @@ def other_arm(dataset):
 def test_other_action_and_state_widths_come_from_the_files_and_are_checked(tmp_path):
     franka = write_franka_dataset(tmp_path / "franka", lengths=(20, 16, 24, 18, 22), hw=(32, 32))
     arm = other_arm(write_franka_dataset(tmp_path / "arm", lengths=(20, 16, 24, 18, 22), hw=(32, 32)))
-    with pytest.raises(DatasetError, match=r"actions\.pth.*set data\.action_dim = 7"):
+    with pytest.raises(DatasetError, match=r"states\.pth.*set data\.state_dim = 14"):
         run(arm, tmp_path / "a", "--training.max_steps", "1")
     widths = ["--data.action_dim", "0", "--data.state_dim", "0", "--training.max_steps", "1"]
     run(arm, tmp_path / "ac", *widths)
     ckpt = load_checkpoint(tmp_path / "ac")
     assert ckpt["data_widths"] == {"state": 14, "action": 7}
     assert ckpt["model"]["predictor.action_encoder.weight"].shape == (48, 7 * 2)  # 7 per step x frameskip 2
-    with pytest.raises(CheckpointError, match=r"state/action widths \{'state': 14, 'action': 7\}"):
+    with pytest.raises(DatasetError, match=r"action mean/std have shapes \(7,\)/\(7,\), expected \(9,\)"):
         train(["--resume", str(tmp_path / "ac"), "--data.path", str(franka), "--training.max_steps", "2"])
     train(["--config", "demo.toml", "--data.path", str(arm), "--data.demo_episodes", "0", "--out",
            str(tmp_path / "vit"), *TINY, *widths])  # the DINO-WM family too
