@@ -9,6 +9,7 @@ episodes: the model sees the first num_hist frames and all H actions, and predic
 horizon h = 1..H, averaged over every window (or a seeded random subset of --max-samples):
 
     z_visual_mse    MSE between predicted and encoded ground-truth visual latents
+    z_visual_l1     mean absolute error of the same (the AC family's training metric)
     z_proprio_mse   the same for the proprio part (each model against its own embedding of the truth)
     psnr, ssim      decoded prediction vs the ground-truth frame
 
@@ -46,7 +47,7 @@ from dinowm.visualize import save_grid, save_line_plot
 
 log = logging.getLogger("dinowm")
 
-METRICS = ("z_visual_mse", "z_proprio_mse", "psnr", "ssim")
+METRICS = ("z_visual_mse", "z_visual_l1", "z_proprio_mse", "psnr", "ssim")
 
 
 class EvalError(UserError, ValueError):
@@ -81,7 +82,8 @@ def horizon_errors(model: WorldModel, obs: torch.Tensor, proprio: torch.Tensor, 
     out = {}
     for name, z in candidates.items():
         pred_visual, pred_proprio, _ = model.split(z.float())
-        errors = {"z_visual_mse": (pred_visual - true_visual).pow(2).flatten(2).mean(2)}  # (B, H)
+        diff = (pred_visual - true_visual).flatten(2)  # (B, H, P*D)
+        errors = {"z_visual_mse": diff.pow(2).mean(2), "z_visual_l1": diff.abs().mean(2)}  # (B, H) each
         if pred_proprio is not None and true_proprio is not None:
             errors["z_proprio_mse"] = (pred_proprio - true_proprio).pow(2).flatten(2).mean(2)
         if images and getattr(model, "decoder", True) is not None:  # a model may have no decoder

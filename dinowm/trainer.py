@@ -366,7 +366,7 @@ class Trainer:
                     sums[k] += v
                 count += rank_count
         results = {f"val_{k}": v / max(count, 1) for k, v in sums.items()}
-        if count:
+        if count and "val_z_visual_loss" in results:  # DINO-WM (AC: val_z_tf_loss vs val_copy_last_loss)
             results["val_z_visual_ratio_to_copy_last"] = (results["val_z_visual_loss"]
                                                           / max(results["val_copy_last_z_visual_loss"], 1e-12))
         if not self.dist.main:
@@ -390,7 +390,7 @@ class Trainer:
             return None
         with warnings.catch_warnings():  # episodes too short for this horizon are simply not rolled out
             warnings.simplefilter("ignore")
-            windows = FrameWindows(self.data.dataset, episodes, num_frames=cfg.data.num_hist + cfg.eval.rollout_horizon,
+            windows = FrameWindows(self.data.dataset, episodes, num_frames=self.model.context_frames + cfg.eval.rollout_horizon,
                                    frameskip=cfg.data.frameskip, stats=self.data.stats,
                                    proprio_slice=self.data.proprio_slice, allow_empty=True)
         if len(windows) == 0:
@@ -408,7 +408,7 @@ class Trainer:
         """
         if self.rollout_windows is None:
             return {}
-        num_hist, horizon = self.cfg.data.num_hist, self.cfg.eval.rollout_horizon
+        num_hist, horizon = self.model.context_frames, self.cfg.eval.rollout_horizon
         self.model.eval()
         averages, shown = HorizonAverages(), None
         for start in range(0, len(self.rollout_indices), self.cfg.training.batch_size):

@@ -100,7 +100,6 @@ class ACWorldModel(nn.Module):
                 out["pred_image"] = pred_image
         return out
 
-    @torch.no_grad()
     def rollout(self, obs0: torch.Tensor, proprio0: torch.Tensor, actions: torch.Tensor,
                 visual0: torch.Tensor | None = None, kv_cache: bool = True) -> dict:
         """obs0 (B, h0, 3, S, S), proprio0 (B, n, S) states, actions (B, h0 + H, A)
@@ -110,7 +109,8 @@ class ACWorldModel(nn.Module):
         rolled past. proprio0 holds the known states: the context frames' (planning; future states are
         unknown, so the last known state is repeated) or every frame's (evaluation against a recorded
         episode: ground-truth states, as in training). kv_cache: reuse past frames' keys and values
-        (exact); False recomputes every frame each step.
+        (exact); False recomputes every frame each step. Differentiable with respect to the actions (gradient
+        planning); callers that need no gradients wrap it in no_grad.
         """
         if visual0 is None:
             visual0 = self.encode_visual(obs0)

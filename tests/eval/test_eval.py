@@ -35,13 +35,17 @@ def test_copy_last_and_model_errors_match_a_hand_computation():
     out = ev.horizon_errors(ZeroPredictor(), None, proprio, action, visual=visual, images=False)
     for i in range(b):
         for k in range(h):
-            copy = model = 0.0
+            copy = model = copy_l1 = model_l1 = 0.0
             for j in range(p):
                 for c in range(d):
                     copy += (float(visual[i, n - 1, j, c]) - float(visual[i, n + k, j, c])) ** 2
                     model += float(visual[i, n + k, j, c]) ** 2
+                    copy_l1 += abs(float(visual[i, n - 1, j, c]) - float(visual[i, n + k, j, c]))
+                    model_l1 += abs(float(visual[i, n + k, j, c]))
             assert out["copy_last"]["z_visual_mse"][i, k].item() == pytest.approx(copy / (p * d), rel=1e-5)
             assert out["model"]["z_visual_mse"][i, k].item() == pytest.approx(model / (p * d), rel=1e-5)
+            assert out["copy_last"]["z_visual_l1"][i, k].item() == pytest.approx(copy_l1 / (p * d), rel=1e-5)
+            assert out["model"]["z_visual_l1"][i, k].item() == pytest.approx(model_l1 / (p * d), rel=1e-5)
 
 
 def test_averages_weight_every_sample_equally():
