@@ -106,3 +106,18 @@ def test_two_gloo_processes_train_like_one_and_resume_across_world_sizes(tmp_pat
     assert len(ckpt["rank_rng"]) == 1
     train(["--resume", str(tmp_path / "mixed"), "--training.max_steps", "10"])
     assert_close(losses(tmp_path / "mixed"), one, range(1, 11))
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_train_the_ac_family_like_one(tmp_path):
+    data = write_franka_dataset(tmp_path / "dset", lengths=(20, 16, 24, 18, 22), hw=(32, 32))
+    args = ["--config", "demo_ac.toml", "--data.path", str(data), "--data.demo_episodes", "0",
+            "--data.img_size", "32", "--model.encoder_image_size", "28", "--model.ac_dim", "48",
+            "--model.ac_depth", "2", "--model.ac_heads", "2", "--data.frameskip", "2", "--data.num_hist", "3",
+            "--data.split_ratio", "0.6", "--training.batch_size", "4", "--training.dtype", "fp32",
+            "--eval.max_batches", "1", "--eval.rollout_episodes", "0", "--logging.every_steps", "1",
+            "--logging.image_every_epochs", "100", "--logging.progress_bar", "false", "--training.device", "cpu",
+            "--training.max_steps", "4"]
+    train([*args, "--out", str(tmp_path / "one")])
+    torchrun(ROOT / "train.py", *args, "--out", str(tmp_path / "two"))
+    assert_close(losses(tmp_path / "two"), losses(tmp_path / "one"), range(1, 5))
