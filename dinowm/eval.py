@@ -164,23 +164,29 @@ def load_run(path: str | Path, overrides: dict | None = None, device: str = "cpu
         stats = NormStats.from_dict(ckpt["norm_stats"])
     except ValueError as e:
         raise EvalError(f"{path}: {e}") from None
-    model = build_model(cfg, device)
+    model = build_model(cfg, device, action_dim=run_action_dim(ckpt))
     load_model_weights(model, ckpt["model"], str(path))
     return model.eval(), cfg, stats, ckpt
 
 
-def build_model(cfg: Config, device: str | torch.device = "cpu") -> torch.nn.Module:
-    """The model of cfg at its initialisation (seeded with training.seed, as the trainer builds it)."""
+def run_action_dim(ckpt: dict) -> int:
+    """The raw action width per step the run was trained on (recorded by the trainer; Franka's 9 before that)."""
+    return int(ckpt.get("data_widths", {}).get("action", 9))
+
+
+def build_model(cfg: Config, device: str | torch.device = "cpu", action_dim: int = 9) -> torch.nn.Module:
+    """The model of cfg at its initialisation (seeded with training.seed, as the trainer builds it);
+    action_dim: raw action dims per step of the run's dataset."""
     torch.manual_seed(cfg.training.seed)
     with warnings.catch_warnings():  # the random-encoder warning was shown when the run was trained
         warnings.simplefilter("ignore")
-        model = build_world_model(cfg.model, cfg.data)
+        model = build_world_model(cfg.model, cfg.data, action_dim=action_dim)
     return check_world_model(model.to(device))
 
 
-def untrained_twin(model: torch.nn.Module, cfg: Config, device) -> torch.nn.Module:
+def untrained_twin(model: torch.nn.Module, cfg: Config, device, action_dim: int = 9) -> torch.nn.Module:
     """The same configuration at initialisation, with the trained model's (frozen) encoder."""
-    twin = build_model(cfg, device)
+    twin = build_model(cfg, device, action_dim)
     twin.encoder.load_state_dict(model.encoder.state_dict())
     return twin.eval()
 
@@ -322,7 +328,7 @@ def main(argv: list[str] | None = None) -> dict:
     model, cfg, stats, ckpt = load_run(args.checkpoint, overrides, args.device)
     own = "data" not in overrides or Path(overrides["data"]["path"]).resolve() == Path(ckpt["config"]["data"]["path"]).resolve()
     windows, episodes = evaluation_windows(cfg, stats, args.horizon, own_dataset=own, context=model.context_frames)
-    untrained = None if args.no_untrained else untrained_twin(model, cfg, args.device)
+    untrained = None if args.no_untrained else untrained_twin(model, cfg, args.device, run_action_dim(ckpt))
     dtype = torch.bfloat16 if (args.dtype or cfg.training.dtype) == "bf16" else torch.float32
     result = evaluate(model, cfg, windows, args.horizon, args.max_samples, args.batch_size, args.seed,
                       untrained=untrained, dtype=dtype, device=args.device)

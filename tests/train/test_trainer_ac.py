@@ -8,6 +8,7 @@ from dinowm.checkpoint import load_checkpoint
 from dinowm.cli import train
 from dinowm.config import ConfigError
 from dinowm.data import DatasetError
+from dinowm.eval import main as evaluate_main
 from franka_fixtures import write_franka_dataset
 from test_trainer import TINY, interrupt_at, train_losses
 
@@ -135,6 +136,9 @@ def test_other_action_and_state_widths_come_from_the_files_and_are_checked(tmp_p
     ckpt = load_checkpoint(tmp_path / "ac")
     assert ckpt["data_widths"] == {"state": 14, "action": 7}
     assert ckpt["model"]["predictor.action_encoder.weight"].shape == (48, 7 * 2)  # 7 per step x frameskip 2
+    # evaluation rebuilds the model at the checkpoint's recorded widths (an AC checkpoint, 7-d actions)
+    result = evaluate_main([str(tmp_path / "ac"), "--horizon", "1", "--max-samples", "2"])
+    assert len(result["metrics"]["model"]["z_visual_mse"]) == 1 and (tmp_path / "ac" / "eval" / "metrics.json").exists()
     with pytest.raises(DatasetError, match=r"action mean/std have shapes \(7,\)/\(7,\), expected \(9,\)"):
         train(["--resume", str(tmp_path / "ac"), "--data.path", str(franka), "--training.max_steps", "2"])
     train(["--config", "demo.toml", "--data.path", str(arm), "--data.demo_episodes", "0", "--out",
