@@ -35,7 +35,6 @@ written atomically (`dinowm.checkpoint.atomic_save`: a temporary file, fsync, os
 """
 from __future__ import annotations
 
-import _compat_pickle
 import argparse
 import collections
 import copyreg
@@ -48,6 +47,7 @@ import torch
 
 from dinowm.checkpoint import CHECKPOINT_FORMAT, atomic_save
 from dinowm.errors import UserError, run_cli
+from dinowm.safe_pickle import python3_global
 
 REQUIRED_ENTRIES = ("epoch", "predictor", "action_encoder", "proprio_encoder")
 MODEL_ENTRIES = ("predictor", "decoder", "action_encoder", "proprio_encoder", "encoder")
@@ -142,11 +142,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
     allowed: tuple[str, ...] = ()  # extra class paths (or module prefixes ending in '.') given by the caller
 
     def find_class(self, module: str, name: str):
-        # protocol-2 pickles name Python 2 modules (__builtin__, copy_reg); map them as pickle itself does
-        if (module, name) in _compat_pickle.NAME_MAPPING:
-            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
-        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
-        path = f"{module}.{name}"
+        module, path = python3_global(module, name)
         if path in _SAFE_GLOBALS:
             return _SAFE_GLOBALS[path]
         if path in ORIGINAL_CLASSES or module.startswith("dinov2."):

@@ -41,13 +41,18 @@ _BUILTINS = {f"builtins.{name}": getattr(builtins, name) for name in (
 _ALLOWED = {**_BUILTINS, **_numpy_globals(), "_codecs.encode": __import__("_codecs").encode}
 
 
+def python3_global(module: str, name: str) -> tuple[str, str]:
+    """(module, "module.name") of a pickled global, with the Python 2 names of protocol-2 pickles
+    (__builtin__, copy_reg) mapped as pickle itself does."""
+    if (module, name) in _compat_pickle.NAME_MAPPING:
+        module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+    module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+    return module, f"{module}.{name}"
+
+
 class _ValueUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
-        # protocol-2 pickles name Python 2 modules (__builtin__, copy_reg); map them as pickle itself does
-        if (module, name) in _compat_pickle.NAME_MAPPING:
-            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
-        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
-        path = f"{module}.{name}"
+        module, path = python3_global(module, name)
         if path in _ALLOWED:
             return _ALLOWED[path]
         if module.startswith("numpy.dtypes") and name.endswith("DType"):  # numpy 2 dtype classes, inert
