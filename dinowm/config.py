@@ -136,6 +136,17 @@ class TrainingConfig:
     max_nonfinite_steps: int = 10
     """A step with a non-finite loss or gradient is skipped (no update); after this many in a row the run
     stops without saving, so the last good checkpoint stays the latest."""
+    # speed options (README "Speed"); the defaults are the original's behaviour
+    decoder_frames: int = 0
+    """Train the image decoder on k of the T frames of each sample (k distinct frames drawn at random per
+    sample and step). 0: all T frames (the original). The decoder only serves visualisation."""
+    decoder_every_steps: int = 1
+    """Train the image decoder every n-th optimiser step only (1: every step, the original)."""
+    activation_checkpointing: bool = False
+    """Recompute the predictor blocks' activations in the backward pass instead of keeping them (less memory,
+    about one more predictor forward of compute; gradients are the same)."""
+    tf32: bool = True
+    """CUDA: fp32 matmuls and convolutions may use TF32 tensor cores (10-bit mantissa inputs). false: full fp32."""
 
 
 @dataclass
@@ -262,6 +273,9 @@ class Config:
         _check(t.max_steps >= 0, "training.max_steps", t.max_steps, "must be >= 0 (0: no cap)")
         _check(t.hang_timeout_s >= 0, "training.hang_timeout_s", t.hang_timeout_s, "must be >= 0 (0: no watchdog)")
         _check(t.max_nonfinite_steps >= 1, "training.max_nonfinite_steps", t.max_nonfinite_steps, "must be >= 1")
+        _check(0 <= t.decoder_frames <= d.num_hist + d.num_pred, "training.decoder_frames", t.decoder_frames,
+               f"must be between 0 (all frames) and the {d.num_hist + d.num_pred} frames of a sample")
+        _check(t.decoder_every_steps >= 1, "training.decoder_every_steps", t.decoder_every_steps, "must be >= 1")
         _check(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"), "training.device",
                t.device, "must be auto, cpu, cuda or cuda:N")
         for key in ("data.demo_frames", "model.action_emb_dim", "model.proprio_emb_dim", "model.predictor_depth",

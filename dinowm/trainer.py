@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from dinowm import distributed, fingerprint
+from dinowm import distributed, fingerprint, perf
 
 from dinowm.checkpoint import (
     CHECKPOINT_FORMAT,
@@ -117,6 +117,7 @@ class Trainer:
             raise CheckpointError(f"--resume: the run was trained on state/action widths {checkpoint['data_widths']}, "
                                   f"but the dataset at data.path has {self.data_widths}; resume with that run's data")
         self.model = build_world_model(cfg.model, cfg.data, action_dim=self.data_widths["action"]).to(self.device)
+        perf.configure(self.model, self.device, self.dtype, t.tf32, t.activation_checkpointing)
         self.optimizers = build_optimizers(self.model, cfg.optim)
         self.step = self.epoch = self.batch_in_epoch = self.nonfinite_skips = 0
         if cfg.model.encoder_weights:  # before a checkpoint is loaded: of the weights file given now
@@ -201,7 +202,9 @@ class Trainer:
         rank) skips the update on every rank; out["nonfinite"] then names what was non-finite."""
         self.train_model.train()
         with self._autocast():
-            out = self.train_model(**self._inputs(batch), decode_prediction=decode_prediction)
+            out = self.train_model(**self._inputs(batch), decode_prediction=decode_prediction,
+                                   decoder_frames=self.cfg.training.decoder_frames,
+                                   train_decoder=self.step % self.cfg.training.decoder_every_steps == 0)
         out["loss"].backward()
         # one device-side check (the loss and the largest |gradient|), read once: the only host sync it adds;
         # the gradients are already averaged over ranks, the loss is agreed on by any_rank

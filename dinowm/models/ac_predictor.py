@@ -42,6 +42,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from kernels import block_causal_attention, cond_last_order, layernorm_linear
 from kernels.dispatch import attention_backend_for
@@ -144,6 +145,8 @@ def _cached_attention(q, k, v, layout: TokenLayout, cache: KVCache, layer: int) 
 class ACPredictor(nn.Module):
     """forward(x (B, T, P, D_enc), actions (B, T, A), states (B, T, S)) -> predictions (B, T, P, D_enc)."""
 
+    activation_checkpointing = False  # training.activation_checkpointing (set by dinowm.perf.configure)
+
     def __init__(self, visual_dim: int, action_dim: int, state_dim: int, grid: tuple[int, int],
                  dim: int = 384, depth: int = 24, heads: int = 16, mlp_ratio: float = 4.0, rope_legacy: bool = False,
                  attention_backend: str = "auto", layernorm_linear_backend: str = "auto"):
@@ -234,7 +237,10 @@ class ACPredictor(nn.Module):
         if layout.order is not None:
             seq = seq[:, layout.order]  # cond-last: patches of every frame, then the conditioning tokens
         for i, block in enumerate(self.predictor_blocks):
-            seq = block(seq, layout, cache, i)
+            if self.activation_checkpointing and cache is None and torch.is_grad_enabled():
+                seq = checkpoint(block, seq, layout, use_reentrant=False)  # recomputed in the backward pass
+            else:
+                seq = block(seq, layout, cache, i)
         if cache is not None:
             cache.frames += t
         if layout.order is not None:

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from .ac_predictor import ACPredictor, KVCache
 from .decoder import VQVAEDecoder
 from .encoder import DinoV2Encoder, build_encoder
-from .world_model import VWorldModel
+from .world_model import VWorldModel, reconstruction
 
 LATENT_LN_EPS = 1e-5
 
@@ -65,9 +65,11 @@ class ACWorldModel(nn.Module):
         return z, None, None
 
     def forward(self, obs: torch.Tensor, proprio: torch.Tensor, action: torch.Tensor,
-                visual: torch.Tensor | None = None, decode_prediction: bool = False) -> dict:
+                visual: torch.Tensor | None = None, decode_prediction: bool = False, decoder_frames: int = 0,
+                train_decoder: bool = True) -> dict:
         """obs (B, T, 3, S, S) in [-1, 1], proprio = states (B, T, S), action (B, T, A); visual: optional
-        cached encoder features (B, T, P, D_enc). Returns the losses (0-dim) and images for logging."""
+        cached encoder features (B, T, P, D_enc). Returns the losses (0-dim) and images for logging.
+        decoder_frames, train_decoder: see `world_model.reconstruction`."""
         t = obs.shape[1]
         if t < self.auto_steps + 1:
             raise ValueError(f"forward: a clip of {t} frames is too short for auto_steps = {self.auto_steps}")
@@ -89,10 +91,11 @@ class ACWorldModel(nn.Module):
         out["loss"] = out["z_loss"]
         if self.decoder is not None:
             size = obs.shape[-1]
-            recon = self.decode(latent(visual).detach(), size)  # (B, T, 3, S, S): never reaches the predictor
-            out["decoder_recon_loss"] = F.mse_loss(recon, obs)
-            out["loss"] = out["loss"] + out["decoder_recon_loss"]
-            out["recon"] = recon.detach()
+            # on detached latents: never reaches the predictor
+            out.update(reconstruction(self, latent(visual), obs, decoder_frames, train_decoder,
+                                      images=decode_prediction))
+            if "decoder_recon_loss" in out:
+                out["loss"] = out["loss"] + out["decoder_recon_loss"]
             if decode_prediction:
                 with torch.no_grad():
                     pred_image = self.decode(z_tf.detach(), size)  # (B, T-1, 3, S, S)

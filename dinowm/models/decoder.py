@@ -68,5 +68,16 @@ class VQVAEDecoder(nn.Module):
         self.upsample_b = Decoder(emb_dim, emb_dim, channel, n_res_block, n_res_channel)
         self.dec = Decoder(emb_dim, in_channel, channel, n_res_block, n_res_channel)
 
+    # Execution choices (not parameters; `dinowm.perf.configure` sets them for the machine at hand): the
+    # layout of the convolutions' activations, and whether they run in fp32 under a bf16 autocast (on a CPU
+    # without bf16 instructions, bf16 convolutions are emulated and slower than fp32).
+    channels_last: bool = False
+    fp32_convs: bool = False
+
     def forward(self, z: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:  # NHWC activations: the layout cuDNN's and oneDNN's fast convolutions work in
+            z = z.contiguous(memory_format=torch.channels_last)
+        if self.fp32_convs:
+            with torch.autocast(z.device.type, enabled=False):
+                return self.dec(self.upsample_b(z.float()))
         return self.dec(self.upsample_b(z))  # (N, 384, 4g, 4g) -> (N, 3, 16g, 16g)

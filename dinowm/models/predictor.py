@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
 from kernels import block_causal_attention, frame_ids_for, layernorm_linear
 
@@ -86,11 +87,21 @@ class Transformer(nn.Module):
         ])
         self.norm = nn.LayerNorm(dim)
 
+    activation_checkpointing = False  # training.activation_checkpointing (set by dinowm.perf.configure)
+
     def forward(self, x: torch.Tensor, frame_ids: torch.Tensor) -> torch.Tensor:
         for attn, ff in self.layers:
-            x = x + attn(x, frame_ids)
-            x = x + ff(x)
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                # recomputed in the backward pass with the same RNG state: the same dropout masks
+                x = checkpoint(_block, attn, ff, x, frame_ids, use_reentrant=False)
+            else:
+                x = _block(attn, ff, x, frame_ids)
         return self.norm(x)
+
+
+def _block(attn: Attention, ff: FeedForward, x: torch.Tensor, frame_ids: torch.Tensor) -> torch.Tensor:
+    x = x + attn(x, frame_ids)
+    return x + ff(x)
 
 
 class ViTPredictor(nn.Module):

@@ -10,7 +10,8 @@ Training sample of T = num_hist + num_pred frames (docs/contract.md §7):
     z_src = z[:, :num_hist];  z_tgt = z[:, num_pred:]
     z_pred = predictor(z_src)
     z_loss = MSE(z_pred without action part, z_tgt without action part (detached))
-    recon  = decoder(visual part of z, detached)          all T frames
+    recon  = decoder(visual part of z, detached)          all T frames (training.decoder_frames: k of them;
+                                                          training.decoder_every_steps: only every n-th step)
     loss   = z_loss + MSE(recon, obs)                     a 0-dim scalar
 The decoder output (16g px) is resized to the image size S with bilinear interpolation
 (align_corners False, antialias True) when 16g != S (e.g. g = 16, S = 224: 256 -> 224).
@@ -27,6 +28,35 @@ from .decoder import VQVAEDecoder
 from .embeddings import ProprioceptiveEmbedding
 from .encoder import DinoV2Encoder, build_encoder
 from .predictor import ViTPredictor
+
+
+def reconstruction(model, z: torch.Tensor, obs: torch.Tensor, frames: int = 0, train: bool = True,
+                   images: bool = False) -> dict:
+    """The decoder's training loss on detached latents z (B, T, ...) against obs (B, T, 3, S, S), either family.
+
+    frames: 0 (or T) trains on all T frames (the original); 0 < k < T on k distinct frames per sample, drawn
+    at random on the device each step. train: False skips the decoder this step (training.decoder_every_steps;
+    no loss, so the decoder gets no gradient and its optimiser leaves it alone). images: the logged
+    `recon` must cover all T frames (decoded without gradients when training did not decode them all).
+    Returns {"decoder_recon_loss" (0-dim), "recon" (B, T, 3, S, S), detached} as far as computed.
+    """
+    z = z.detach()
+    b, t, size = obs.shape[0], obs.shape[1], obs.shape[-1]
+    out = {}
+    if train:
+        if 0 < frames < t:
+            pick = torch.rand(b, t, device=obs.device).argsort(dim=1)[:, :frames]  # (B, k) distinct frames
+            rows = torch.arange(b, device=obs.device)[:, None]  # (B, 1)
+            recon = model.decode(z[rows, pick], size)  # (B, k, 3, S, S)
+            out["decoder_recon_loss"] = F.mse_loss(recon, obs[rows, pick])
+        else:
+            recon = model.decode(z, size)  # (B, T, 3, S, S)
+            out["decoder_recon_loss"] = F.mse_loss(recon, obs)
+            out["recon"] = recon.detach()  # for logging; the loss above keeps the graph
+    if images and "recon" not in out:
+        with torch.no_grad():
+            out["recon"] = model.decode(z, size)
+    return out
 
 
 class VWorldModel(nn.Module):
@@ -117,9 +147,11 @@ class VWorldModel(nn.Module):
     # training forward (docs/contract.md §7)
     # ------------------------------------------------------------------------------------------
     def forward(self, obs: torch.Tensor, proprio: torch.Tensor, action: torch.Tensor,
-                visual: torch.Tensor | None = None, decode_prediction: bool = False) -> dict:
+                visual: torch.Tensor | None = None, decode_prediction: bool = False, decoder_frames: int = 0,
+                train_decoder: bool = True) -> dict:
         """obs (B, T, 3, S, S) in [-1, 1], proprio (B, T, Dp), action (B, T, Da), T = num_hist + num_pred;
-        visual: optional cached encoder features (B, T, P, 384) (then the encoder is not run)."""
+        visual: optional cached encoder features (B, T, P, 384) (then the encoder is not run).
+        decoder_frames, train_decoder: see `reconstruction` (training.decoder_frames / decoder_every_steps)."""
         t = obs.shape[1]
         if t != self.num_hist + self.num_pred:
             raise ValueError(f"forward: got {t} frames, expected num_hist + num_pred = {self.num_hist + self.num_pred}")
@@ -142,10 +174,9 @@ class VWorldModel(nn.Module):
             out["z_visual_loss"] = F.mse_loss(z_pred[:, :, :-2], z_tgt[:, :, :-2])
             out["z_proprio_loss"] = F.mse_loss(z_pred[:, :, -2], z_tgt[:, :, -2])
 
-        recon = self.decode(z.detach(), size)  # (B, T, 3, S, S); the decoder never reaches the predictor
-        out["decoder_recon_loss"] = F.mse_loss(recon, obs)
-        out["loss"] = out["z_loss"] + out["decoder_recon_loss"]  # 0-dim
-        out["recon"] = recon.detach()  # for logging; the loss above keeps the graph
+        # the decoder trains on detached latents: it never reaches the predictor
+        out.update(reconstruction(self, z, obs, decoder_frames, train_decoder, images=decode_prediction))
+        out["loss"] = out["z_loss"] + out["decoder_recon_loss"] if "decoder_recon_loss" in out else out["z_loss"]
         if decode_prediction:  # logging/validation only (docs/contract.md §7): not trained on
             with torch.no_grad():
                 pred_image = self.decode(z_pred.detach(), size)  # (B, num_hist, 3, S, S)

@@ -1,0 +1,109 @@
+"""Machine-dependent speed settings that do not change what is computed (beyond TF32 on CUDA, an option).
+
+`configure(model, device, dtype, tf32, activation_checkpointing)` is called once when a model is set up for training:
+
+- CUDA: cudnn.benchmark (the decoder's convolutions have fixed shapes: the fastest algorithm is picked once);
+  TF32 for fp32 matmuls and convolutions unless training.tf32 = false.
+- The decoder's convolutions run on channels_last activations where that is faster (measured: bench/
+  bench_decoder.py), and, under bf16 autocast on a CPU without bf16 instructions (AVX-512 BF16 or AMX), in
+  fp32, because there bf16 convolutions are emulated. Each choice is logged with its reason.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+log = logging.getLogger("dinowm")
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has bf16 dot-product instructions (AVX-512 BF16 or AMX): oneDNN's bf16 kernels then
+    run natively."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def decoder_choices(device: torch.device, dtype: torch.dtype) -> tuple[bool, bool, str]:
+    """-> (channels_last, fp32_convs, why) for the decoder on this device under this autocast dtype."""
+    if device.type == "cuda":
+        return True, False, "CUDA: cuDNN's NHWC convolutions (tensor cores under bf16)"
+    if dtype == torch.float32:
+        return True, False, "CPU fp32: oneDNN's blocked NHWC convolutions"
+    if cpu_has_bf16():
+        return True, False, "CPU bf16 with AVX-512 BF16 / AMX: oneDNN's native bf16 NHWC convolutions"
+    return True, True, "CPU without bf16 instructions: bf16 convolutions would be emulated, so they run in fp32"
+
+
+def configure(model, device: torch.device, dtype: torch.dtype, tf32: bool = True,
+              activation_checkpointing: bool = False) -> None:
+    """activation_checkpointing: recompute the predictor blocks in the backward pass (both families)."""
+    predictor = model.predictor
+    (getattr(predictor, "transformer", predictor)).activation_checkpointing = activation_checkpointing
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32
+        log.info("CUDA: cudnn.benchmark on; TF32 for fp32 matmuls/convolutions %s (training.tf32)",
+                 "allowed" if tf32 else "off")
+    decoder = getattr(model, "decoder", None)
+    if decoder is None:
+        return
+    decoder.channels_last, decoder.fp32_convs, why = decoder_choices(device, dtype)
+    log.info("decoder: %s activations%s (%s)", "channels_last" if decoder.channels_last else "NCHW",
+             ", fp32 convolutions" if decoder.fp32_convs else "", why)
+
+
+class SavedTensors:
+    """Counts the bytes autograd keeps for the backward pass (the activation memory of a step), inside
+    `with SavedTensors(exclude=..., scopes={"decoder": model.decoder}) as saved: loss = model(...)`.
+
+    Every tensor saved for backward passes through the pack hook; a storage is counted once however many
+    views of it are saved. Storages of `exclude` (parameters, the step's inputs: memory the step holds anyway)
+    are not counted. `by_scope` splits the bytes by the innermost module of `scopes` running when a tensor
+    was saved ("other" outside them). Works on fake tensors (torch._subclasses.FakeTensorMode), so a large
+    batch can be measured without the memory it describes.
+    """
+
+    def __init__(self, exclude=(), scopes: dict | None = None):
+        self._exclude = {t.untyped_storage()._cdata for t in exclude}
+        self._scopes = scopes or {}
+        self._seen: dict[int, tuple[str, int]] = {}
+        self._stack = ["other"]
+        self._keep = []  # the saved tensors, alive until the end: a freed storage's address may be reused
+        self._handles = []
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        key = storage._cdata
+        if key not in self._exclude and key not in self._seen:
+            self._seen[key] = (self._stack[-1], storage.nbytes())
+            self._keep.append(t)
+        return t
+
+    def _pop(self) -> None:  # a forward hook's return value would replace the module's output
+        self._stack.pop()
+
+    @property
+    def total(self) -> int:
+        return sum(n for _, n in self._seen.values())
+
+    @property
+    def by_scope(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for name, n in self._seen.values():
+            out[name] = out.get(name, 0) + n
+        return out
+
+    def __enter__(self) -> "SavedTensors":
+        for name, module in self._scopes.items():
+            self._handles.append(module.register_forward_pre_hook(lambda *_, n=name: self._stack.append(n)))
+            self._handles.append(module.register_forward_hook(lambda *_: self._pop()))
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._hooks.__exit__(*exc)
+        for handle in self._handles:
+            handle.remove()
+        self._keep.clear()
