@@ -3,7 +3,12 @@
 Baseline ("original"): fp32, reference attention (explicit scores + dense mask), the frozen encoder
 recomputed every step, the prediction decoded every step (docs/contract.md §7, §12).
 Fast: encoder features from the cache, prediction decoded only on logging steps, `auto` kernel
-backends, fp32 or bf16 autocast.
+backends, the machine's decoder settings (dinowm.perf.configure: channels_last), fp32 or bf16 autocast.
+Every variant computes the same loss (checked) and trains the decoder on every frame every step.
+
+The first benchmark times a 2048^3 bf16 matmul (8192^3 on CUDA): the machine's bf16 peak in this run.
+Each fast variant records its achieved FLOP/s (FlopCounterMode over one step) and the fraction of that
+peak in extra_info, next to `speedup_vs_original`.
 
     pytest bench/bench_train_step.py --benchmark-only            # franka.toml shapes, batch 2 on CPU
     pytest bench/bench_train_step.py --benchmark-disable         # a quick run at tiny shapes (CI)
@@ -15,7 +20,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from dinowm import perf
 from dinowm.config import load_config
+from dinowm.metrics import count_step_flops
 from dinowm.models.world_model import build_world_model
 from dinowm.trainer import build_optimizers
 
@@ -25,11 +32,32 @@ STEP_CONFIGS = {
     "tiny": (2, ["--data.img_size", "32", "--model.encoder_image_size", "28", "--model.predictor_depth", "1"]),
 }
 VARIANTS = {
-    "original_fp32": dict(backend="reference", cache=False, decode_prediction=True, dtype=torch.float32),
-    "fast_fp32": dict(backend="auto", cache=True, decode_prediction=False, dtype=torch.float32),
-    "fast_bf16": dict(backend="auto", cache=True, decode_prediction=False, dtype=torch.bfloat16),
+    "original_fp32": dict(backend="reference", cache=False, decode_prediction=True, dtype=torch.float32, fast=False),
+    "fast_fp32": dict(backend="auto", cache=True, decode_prediction=False, dtype=torch.float32, fast=True),
+    "fast_bf16": dict(backend="auto", cache=True, decode_prediction=False, dtype=torch.bfloat16, fast=True),
 }
 _baseline_seconds: dict[str, float] = {}
+_peak: dict[str, float] = {}  # device -> bf16 matmul FLOP/s measured in this session
+
+
+def test_bf16_matmul_peak(benchmark, request):
+    """The machine's bf16 matmul throughput (the denominator of the step's fraction of peak)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    n = 256 if request.config.getoption("benchmark_disable") else (8192 if device.type == "cuda" else 2048)
+    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
+
+    def matmul():
+        out = a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return out
+
+    benchmark.group = "bf16_matmul_peak"
+    benchmark.pedantic(matmul, rounds=10 if device.type == "cpu" else 50, warmup_rounds=2, iterations=1)
+    benchmark.extra_info.update(n=n, device=str(device), threads=torch.get_num_threads())
+    if benchmark.stats is not None:
+        _peak[str(device)] = 2 * n ** 3 / benchmark.stats.stats.min
+        benchmark.extra_info["gflops"] = _peak[str(device)] / 1e9
 
 
 def _shape_name(request) -> str:
@@ -44,6 +72,8 @@ def _setup(shape: str, variant: dict):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
     model = build_world_model(cfg.model, cfg.data).to(device)
+    if variant["fast"]:
+        perf.configure(model, device, variant["dtype"])
     optimizers = build_optimizers(model, cfg.optim)
     t, s = cfg.data.num_hist + cfg.data.num_pred, cfg.data.img_size
     inputs = {
@@ -102,5 +132,11 @@ def test_train_step(benchmark, request, variant):
     benchmark.extra_info["samples_per_s"] = batch / seconds
     if variant == "original_fp32":
         _baseline_seconds[shape] = seconds
-    elif shape in _baseline_seconds:
+        return
+    if shape in _baseline_seconds:
         benchmark.extra_info["speedup_vs_original"] = _baseline_seconds[shape] / seconds
+    flops = count_step_flops(step)[1]  # one more step, counted (forward + backward)
+    benchmark.extra_info["gflop_per_step"] = flops / 1e9
+    benchmark.extra_info["achieved_gflops"] = flops / seconds / 1e9
+    if str(device) in _peak:
+        benchmark.extra_info["fraction_of_bf16_peak"] = flops / seconds / _peak[str(device)]
