@@ -49,6 +49,8 @@ def configure(model, device: torch.device, dtype: torch.dtype, tf32: bool = True
     if decoder is None:
         return
     decoder.channels_last, decoder.fp32_convs, why = decoder_choices(device, dtype)
+    if decoder.channels_last:  # the weights too: otherwise every call reorders them (and their casts)
+        decoder.to(memory_format=torch.channels_last)
     log.info("decoder: %s activations%s (%s)", "channels_last" if decoder.channels_last else "NCHW",
              ", fp32 convolutions" if decoder.fp32_convs else "", why)
 
