@@ -127,7 +127,15 @@ class TrainingConfig:
     dtype: str = "fp32"
     """fp32 | bf16 (autocast; parameters and optimiser state stay fp32)."""
     compile: bool = False
-    """torch.compile the predictor and decoder."""
+    """torch.compile the training step (dinowm/step.py): the forward with its AOTAutograd backward and the
+    gradient norm / non-finite guard / clip, each one graph (fullgraph=True); the optimisers are fused
+    kernels already. Validation and rollouts run eagerly."""
+    cuda_graphs: bool = False
+    """Capture the training step into a CUDA graph and replay it (static input buffers; logging steps,
+    which decode the prediction, run uncaptured). CUDA and a single process only."""
+    grad_clip: float = 0.0
+    """Clip the global L2 norm of all trained gradients to this value (0: off, as the original). The norm
+    before clipping is logged as grad_norm (mean over the logging window)."""
     feature_cache: bool = True
     """Cache the frozen encoder's features per frame (exact: the encoder is frozen and deterministic)."""
     hang_timeout_s: float = 1800.0
@@ -135,7 +143,9 @@ class TrainingConfig:
     with code 124 instead of freezing (a stuck DataLoader worker, a collective waiting on a dead rank). 0: off."""
     max_nonfinite_steps: int = 10
     """A step with a non-finite loss or gradient is skipped (no update); after this many in a row the run
-    stops without saving, so the last good checkpoint stays the latest."""
+    stops without saving, so the last good checkpoint stays the latest. The skips are counted on the
+    device and checked at every logging step and before every validation and checkpoint: the run stops
+    at the first check after the limit (at most logging.every_steps - 1 steps later)."""
     # speed options (README "Speed"); the defaults are the original's behaviour
     decoder_frames: int = 0
     """Train the image decoder on k of the T frames of each sample (k distinct frames drawn at random per
@@ -272,6 +282,7 @@ class Config:
         _check(t.epochs >= 1, "training.epochs", t.epochs, "must be >= 1")
         _check(t.max_steps >= 0, "training.max_steps", t.max_steps, "must be >= 0 (0: no cap)")
         _check(t.hang_timeout_s >= 0, "training.hang_timeout_s", t.hang_timeout_s, "must be >= 0 (0: no watchdog)")
+        _check(t.grad_clip >= 0, "training.grad_clip", t.grad_clip, "must be >= 0 (0: off)")
         _check(t.max_nonfinite_steps >= 1, "training.max_nonfinite_steps", t.max_nonfinite_steps, "must be >= 1")
         _check(0 <= t.decoder_frames <= d.num_hist + d.num_pred, "training.decoder_frames", t.decoder_frames,
                f"must be between 0 (all frames) and the {d.num_hist + d.num_pred} frames of a sample")

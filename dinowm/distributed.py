@@ -125,6 +125,13 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    """In-place maximum over ranks of a tensor on this rank's device (no-op alone): no host read."""
+    if current().enabled:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
 def mean_over_ranks(values: dict) -> dict:
     """{name: float} averaged over ranks (every rank must pass the same names; no-op alone)."""
     if not current().enabled or not values:

@@ -40,10 +40,11 @@ from dinowm.config import Config, ConfigError
 from dinowm.data import FeatureCache, FrameWindows, build_data, make_loader, preprocess_images
 from dinowm.data.normalize import NormStats
 from dinowm.eval import HorizonAverages, horizon_errors, sample_indices
-from dinowm.metrics import LossWindow, MetricSink, StepTimer, maybe_profile
+from dinowm.metrics import MetricSink, StepTimer, maybe_profile
 from dinowm.models.world_model import build_world_model
 from dinowm.resilience import HangWatchdog, NonFiniteError, StopOnSignal
 from dinowm.schedule import Schedule
+from dinowm.step import StepStats, TrainStep, build_optimizers
 from dinowm.visualize import save_grid
 
 log = logging.getLogger("dinowm")
@@ -65,20 +66,6 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
 def base_learning_rates(cfg) -> dict[str, float]:
     """Base learning rate per optimiser (scaled by the schedule every step)."""
     return {"predictor": cfg.predictor_lr, "embeddings": cfg.embedding_lr, "decoder": cfg.decoder_lr}
-
-
-def build_optimizers(model, cfg) -> dict[str, torch.optim.Optimizer]:
-    """docs/contract.md §9: AdamW for the predictor and the embeddings, Adam for the decoder; the encoder is frozen.
-    A model without embeddings (the AC predictor holds its own) or without a decoder gets no optimiser for them."""
-    groups = model.parameter_groups()
-    optimizers = {"predictor": torch.optim.AdamW(groups["predictor"], lr=cfg.predictor_lr,
-                                                 weight_decay=cfg.predictor_weight_decay)}
-    if "embeddings" in groups:
-        optimizers["embeddings"] = torch.optim.AdamW(groups["embeddings"], lr=cfg.embedding_lr,
-                                                     weight_decay=cfg.embedding_weight_decay)
-    if "decoder" in groups:
-        optimizers["decoder"] = torch.optim.Adam(groups["decoder"], lr=cfg.decoder_lr)
-    return optimizers
 
 
 class Trainer:
@@ -119,7 +106,7 @@ class Trainer:
         self.model = build_world_model(cfg.model, cfg.data, action_dim=self.data_widths["action"]).to(self.device)
         perf.configure(self.model, self.device, self.dtype, t.tf32, t.activation_checkpointing)
         self.optimizers = build_optimizers(self.model, cfg.optim)
-        self.step = self.epoch = self.batch_in_epoch = self.nonfinite_skips = 0
+        self.step = self.epoch = self.batch_in_epoch = 0
         if cfg.model.encoder_weights:  # before a checkpoint is loaded: of the weights file given now
             self.fingerprints["encoder"] = fingerprint.weights_fingerprint(self.model.encoder)
         self.base_lrs = base_learning_rates(cfg.optim)
@@ -132,10 +119,6 @@ class Trainer:
             self.fingerprints["encoder"] = fingerprint.weights_fingerprint(self.model.encoder)
         if checkpoint:
             self._check_fingerprints(checkpoint, "encoder")
-        if t.compile:  # Module.compile keeps the state-dict keys (no "_orig_mod." prefix)
-            self.model.predictor.compile()
-            if self.model.decoder is not None:
-                self.model.decoder.compile()
         # DDP averages the gradients of whatever trainable parameters the model has (rank 0's weights
         # and buffers are broadcast at construction; no buffer changes while training, so no broadcast per
         # step); validation and rollouts use self.model directly
@@ -169,6 +152,17 @@ class Trainer:
         self._validated_at = None
         if self.schedule is None:
             self.schedule = Schedule.from_config(cfg.optim, self.total_steps())
+        if t.cuda_graphs and self.device.type != "cuda":
+            raise ConfigError(f"training.cuda_graphs = true needs a CUDA device (training.device resolves to "
+                              f"{self.device}); set --training.cuda_graphs false")
+        if t.cuda_graphs and self.dist.enabled:
+            raise ConfigError("training.cuda_graphs = true is single-process (DDP's gradient all-reduce is not "
+                              "captured); set --training.cuda_graphs false under torchrun")
+        self.train_step_fn = TrainStep(self.train_model, self.optimizers, self.base_lrs, self.schedule, self.device,
+                                       self.dtype, grad_clip=t.grad_clip, compile=t.compile,
+                                       cuda_graphs=t.cuda_graphs)
+        self._skips_reported = checkpoint.get("nonfinite_skips", 0) if checkpoint else 0
+        self.stats = StepStats(self.device, skips=self._skips_reported)  # losses and skips, on the device
         self.sink = MetricSink(self.run_dir, cfg.to_dict(), cfg.logging.tensorboard, cfg.logging.wandb,
                                cfg.logging.wandb_project, enabled=self.dist.main,
                                resume_step=self.step if checkpoint else None)
@@ -198,35 +192,12 @@ class Trainer:
         return self.cfg.training.max_steps or self.cfg.training.epochs * len(self.train_loader)
 
     def train_step(self, batch: dict, decode_prediction: bool) -> dict:
-        """One optimiser step on this rank's shard of a global batch. A non-finite loss or gradient (on any
-        rank) skips the update on every rank; out["nonfinite"] then names what was non-finite."""
-        self.train_model.train()
-        with self._autocast():
-            out = self.train_model(**self._inputs(batch), decode_prediction=decode_prediction,
-                                   decoder_frames=self.cfg.training.decoder_frames,
-                                   train_decoder=self.step % self.cfg.training.decoder_every_steps == 0)
-        out["loss"].backward()
-        # one device-side check (the loss and the largest |gradient|), read once: the only host sync it adds;
-        # the gradients are already averaged over ranks, the loss is agreed on by any_rank
-        grads = [p.grad for opt in self.optimizers.values() for g in opt.param_groups for p in g["params"]
-                 if p.grad is not None]
-        max_grad = torch.nn.utils.get_total_norm(grads, norm_type=float("inf"))
-        finite = bool(torch.isfinite(out["loss"].detach()) & torch.isfinite(max_grad))
-        if distributed.any_rank(not finite):  # rare: name the culprits (a gather over ranks only here)
-            bad = [k for k, v in out.items() if k.endswith("loss") and not torch.isfinite(v).all()]
-            bad += [] if torch.isfinite(max_grad) else ["gradients"]
-            named = distributed.all_gather_objects(bad)
-            out["nonfinite"] = sorted({name + (f" (rank {r})" if self.dist.enabled else "")
-                                       for r, names in enumerate(named) for name in names})
-        else:
-            factor = self.schedule.factor(self.step)
-            for name, opt in self.optimizers.items():
-                for group in opt.param_groups:
-                    group["lr"] = self.base_lrs[name] * factor
-                opt.step()
-        for opt in self.optimizers.values():
-            opt.zero_grad(set_to_none=True)
-        return out
+        """One optimiser step on this rank's shard of a global batch (dinowm/step.py): the model's outputs,
+        grad_norm and finite (false: a non-finite loss or gradient on some rank skipped the update on
+        every rank), all on the device; nothing is read to the host."""
+        t = self.cfg.training
+        return self.train_step_fn(self._inputs(batch), self.step, decode_prediction, decoder_frames=t.decoder_frames,
+                                  train_decoder=self.step % t.decoder_every_steps == 0)
 
     def inspect(self) -> dict:
         """`train.py --inspect`: one real training batch through the model with stage hooks (printed)."""
@@ -245,9 +216,7 @@ class Trainer:
         steps_per_epoch = len(self.train_loader)
         total_steps = self.total_steps()  # max_steps wins, past `epochs` if need be
         timer = StepTimer(self.device, devices=self.dist.world_size)
-        window = LossWindow()  # losses since the last log
         last = {}
-        consecutive_skips = 0
         bar = tqdm(total=total_steps, initial=self.step, desc="train", unit="step",
                    disable=not (cfg.logging.progress_bar and self.dist.main), dynamic_ncols=True)
         log_file = self.run_dir / ("train.log" if self.dist.main else f"train.rank{self.dist.rank}.log")
@@ -265,21 +234,15 @@ class Trainer:
                     self.watchdog.beat()
                     if profiler is not None:
                         profiler.step()
-                    nonfinite = out.pop("nonfinite", None)
-                    if nonfinite is None:
-                        consecutive_skips = 0
-                        window.add(out)
-                    else:  # NaN never enters the logged means
-                        consecutive_skips += 1
-                        self.nonfinite_skips += 1
-                        self._on_nonfinite(nonfinite, consecutive_skips)
+                    self.stats.add(out)  # device sums; NaN never enters the logged means
                     bar.update(1)
                     if log_step or self.step == total_steps:
+                        window = self._check_nonfinite(new_window=True)  # the one host read of the window
                         # every rank's loss is the mean over an equal share: their mean is the global batch's
-                        last = distributed.mean_over_ranks(window.mean())
+                        last = distributed.mean_over_ranks(window["means"])
                         last.update(timer.summary())
                         last["epoch"] = self.epoch + self.batch_in_epoch / steps_per_epoch
-                        last["nonfinite_skips"] = self.nonfinite_skips
+                        last["nonfinite_skips"] = window["skips"]
                         self.sink.write(self.step, "train", last)
                         if "loss" in last:
                             bar.set_postfix(loss=f"{last['loss']:.4f}", sps=f"{last['samples_per_s']:.1f}")
@@ -305,19 +268,31 @@ class Trainer:
         self.sink.close()
         return last
 
-    def _on_nonfinite(self, what: list[str], consecutive: int) -> None:
-        """A skipped update: warn; after training.max_nonfinite_steps in a row, stop without saving."""
+    def _check_nonfinite(self, new_window: bool = False) -> dict:
+        """Read the step statistics (StepStats.read); warn about updates skipped since the last check, and
+        stop without saving once training.max_nonfinite_steps were skipped in a row. Checked at every
+        logging step and before every validation and checkpoint, so no checkpoint follows such a run."""
+        stats = self.stats.read(new_window)
+        new = stats["skips"] - self._skips_reported
+        if not new:
+            return stats
+        self._skips_reported = stats["skips"]
+        what = stats["nonfinite"]
+        if self.dist.enabled:  # every rank skipped the same steps; the culprits are per rank
+            what = sorted({f"{name} (rank {r})" for r, names in enumerate(distributed.all_gather_objects(what))
+                           for name in names})
         limit = self.cfg.training.max_nonfinite_steps
-        log.warning("step %d: non-finite %s; update skipped (%d in a row; the run stops at %d)",
-                    self.step, ", ".join(what), consecutive, limit)
-        if consecutive >= limit:
+        log.warning("step %d: non-finite %s; %d update(s) skipped since the last check (%d in a row now; the run "
+                    "stops at %d)", self.step, ", ".join(what), new, stats["run"], limit)
+        if stats["longest"] >= limit:
             self.sink.close()
             latest = self.run_dir / "checkpoints" / "model_latest.pt"
             kept = f"the last good checkpoint {latest} is intact" if latest.exists() else "no checkpoint was written"
-            raise NonFiniteError(f"step {self.step}: {consecutive} consecutive steps with non-finite values "
+            raise NonFiniteError(f"step {self.step}: {stats['longest']} consecutive steps with non-finite values "
                                  f"(training.max_nonfinite_steps = {limit}), last: {', '.join(what)}; stopped without "
                                  f"saving ({kept}). Lower the learning rates (optim.*) or check the data, then resume "
                                  f"with: python train.py --resume {self.run_dir} --optim.predictor_lr ...")
+        return stats
 
     def _end_of_epoch(self, batch: dict, out: dict) -> None:
         cfg = self.cfg
@@ -339,6 +314,7 @@ class Trainer:
     def validate(self, images: bool = True) -> dict:
         """Loss sums over this rank's shard of the validation batches, added up over ranks; rollouts,
         images and the record on rank 0 (the returned dict is complete there)."""
+        self._check_nonfinite()
         self.model.eval()
         self._validated_at = self.step
         sums, count, first = defaultdict(float), 0, None
@@ -464,8 +440,8 @@ class Trainer:
         save_grid(rows, path, labels, [f"frame {k} (t+{k * fs})" for k in range(truth.shape[0])],
                   title=f"{path.parent.name}: epoch {self.epoch} step {self.step}")
 
-    def state(self, rng: list) -> dict:
-        """rng: capture_rng_state() of every rank."""
+    def state(self, rng: list, nonfinite_skips: int) -> dict:
+        """rng: capture_rng_state() of every rank; nonfinite_skips: updates skipped so far."""
         model_state = self.model.state_dict()
         if self.cfg.model.encoder_weights:  # reloaded from the weights file; no need to store 22M frozen params
             model_state = {k: v for k, v in model_state.items() if not k.startswith("encoder.")}
@@ -481,7 +457,7 @@ class Trainer:
             "rng": rng[0],
             "rank_rng": rng[1:],  # ranks > 0 draw their own dropout masks
             "world_size": self.dist.world_size,
-            "nonfinite_skips": self.nonfinite_skips,
+            "nonfinite_skips": nonfinite_skips,
             "fingerprints": self.fingerprints,
             "schedule": self.schedule.to_dict(),
             "data_widths": self.data_widths,
@@ -489,12 +465,13 @@ class Trainer:
 
     def save(self, keep_as: int | None = None) -> Path:
         """Collective under torchrun (every rank's RNG state is gathered); rank 0 writes."""
+        nonfinite_skips = self._check_nonfinite()["skips"]
         folder = self.run_dir / "checkpoints"
         path = folder / "model_latest.pt"
         rng = distributed.all_gather_objects(capture_rng_state())
         if not self.dist.main:
             return path
-        state = self.state(rng)
+        state = self.state(rng, nonfinite_skips)
         atomic_save(state, path)
         if keep_as is not None:
             atomic_save(state, folder / f"model_{keep_as}.pt")
@@ -537,13 +514,16 @@ class Trainer:
         for name, opt in self.optimizers.items():
             configured = [{k: g[k] for k in self.OVERRIDABLE if k in g} for g in opt.param_groups]
             opt.load_state_dict(ckpt["optimizers"][name])
+            for group in opt.param_groups:  # the implementation configured now (fused), not the saved one's
+                group.update({k: opt.defaults[k] for k in ("foreach", "fused", "capturable")})
+            for state in opt.state.values():  # fused kernels keep the step count on the parameter's device
+                state["step"] = state["step"].to(self.device, torch.float32)
             for group, values in zip(opt.param_groups, configured):
                 for key, value in values.items():
                     if group[key] != value:
                         log.info("resume: %s optimiser %s %g -> %g (configured now)", name, key, group[key], value)
                         group[key] = value
         self.step, self.epoch, self.batch_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]
-        self.nonfinite_skips = ckpt.get("nonfinite_skips", 0)
         if "schedule" in ckpt:  # the curve the run started on (older checkpoints: constant, from the config)
             saved = Schedule(**ckpt["schedule"])
             if not saved.same_curve(Schedule.from_config(self.cfg.optim, saved.total_steps)):
