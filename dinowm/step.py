@@ -63,11 +63,12 @@ class TrainStep:
     `grad_norm` (before clipping) and `finite` (0-dim bool: the update was applied), all device tensors.
 
     model: the module to train (the DDP wrapper under torchrun); optimizers: from build_optimizers;
-    base_lrs / schedule: lr = base_lrs[name] * schedule.factor(step_index); dtype: autocast dtype."""
+    base_lrs / schedule: lr = base_lrs[name] * schedule.factor(step_index); dtype: autocast dtype;
+    backend: the torch.compile backend (the tests use aot_eager: the same graphs without code generation)."""
 
     def __init__(self, model, optimizers: dict, base_lrs: dict, schedule, device: torch.device,
                  dtype: torch.dtype = torch.float32, grad_clip: float = 0.0, compile: bool = False,
-                 cuda_graphs: bool = False):
+                 cuda_graphs: bool = False, backend: str = "inductor"):
         self.model, self.optimizers, self.base_lrs, self.schedule = model, optimizers, base_lrs, schedule
         self.device, self.dtype, self.grad_clip = device, dtype, grad_clip
         self.params = [p for opt in optimizers.values() for g in opt.param_groups for p in g["params"]]
@@ -81,8 +82,8 @@ class TrainStep:
         self.graph = None
         self.forward, self.gradients = self._forward, self._gradients
         if compile:
-            self.forward = torch.compile(self._forward, fullgraph=True)
-            self.gradients = torch.compile(self._gradients, fullgraph=True)
+            self.forward = torch.compile(self._forward, fullgraph=True, backend=backend)
+            self.gradients = torch.compile(self._gradients, fullgraph=True, backend=backend)
         if cuda_graphs:
             self.graph = CapturedStep(self)
 
@@ -122,7 +123,7 @@ class TrainStep:
         self.found_inf.copy_((~(torch.isfinite(loss) & torch.isfinite(grad_norm))).float())
         distributed.all_reduce_max(self.found_inf)  # a NaN on any rank skips the step on every rank
         if self.grad_clip > 0:
-            torch.nn.utils.clip_grads_with_norm_(grads, self.grad_clip, grad_norm)
+            torch.nn.utils.clip_grads_with_norm_(self.params, self.grad_clip, grad_norm)  # no-op: grad=None
         return grad_norm, self.found_inf == 0
 
 
