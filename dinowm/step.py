@@ -33,6 +33,7 @@ from __future__ import annotations
 import logging
 
 import torch
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from dinowm import distributed
 
@@ -45,15 +46,17 @@ def build_optimizers(model, cfg) -> dict[str, torch.optim.Optimizer]:
 
     Fused kernels on CUDA and on CPU: one multi-tensor kernel per optimiser, and the only torch.optim
     implementation that takes `found_inf` (the sync-free skip of a non-finite step). On CPU it is also
-    far faster than foreach, whose CPU ops loop over tensors (bench/bench_optimizer.py)."""
+    far faster than foreach, whose CPU ops loop over tensors (bench/bench_optimizer.py). On CUDA also
+    capturable (step() may be captured into a CUDA graph: training.cuda_graphs)."""
     groups = model.parameter_groups()
+    kernel = {"fused": True, "capturable": next(iter(groups["predictor"])).is_cuda}
     optimizers = {"predictor": torch.optim.AdamW(groups["predictor"], lr=cfg.predictor_lr,
-                                                 weight_decay=cfg.predictor_weight_decay, fused=True)}
+                                                 weight_decay=cfg.predictor_weight_decay, **kernel)}
     if "embeddings" in groups:
         optimizers["embeddings"] = torch.optim.AdamW(groups["embeddings"], lr=cfg.embedding_lr,
-                                                     weight_decay=cfg.embedding_weight_decay, fused=True)
+                                                     weight_decay=cfg.embedding_weight_decay, **kernel)
     if "decoder" in groups:
-        optimizers["decoder"] = torch.optim.Adam(groups["decoder"], lr=cfg.decoder_lr, fused=True)
+        optimizers["decoder"] = torch.optim.Adam(groups["decoder"], lr=cfg.decoder_lr, **kernel)
     return optimizers
 
 
@@ -95,17 +98,20 @@ class TrainStep:
 
     def __call__(self, inputs: dict, step_index: int, decode_prediction: bool = False, **options) -> dict:
         self.set_learning_rates(step_index)
+        if is_in_torch_dispatch_mode(include_infra_modes=False):  # e.g. StepTimer's FlopCounterMode over the
+            return self.step(inputs, decode_prediction, options, compiled=False)  # first step: compiled code can't
         if self.graph is not None and not decode_prediction:
             return self.graph(inputs, options)
         return self.step(inputs, decode_prediction, options)
 
-    def step(self, inputs: dict, decode_prediction: bool, options: dict) -> dict:
+    def step(self, inputs: dict, decode_prediction: bool, options: dict, compiled: bool = True) -> dict:
+        forward, gradients = (self.forward, self.gradients) if compiled else (self._forward, self._gradients)
         for opt in self.optimizers.values():
             opt.zero_grad(set_to_none=True)
         self.model.train()
-        out = self.forward(inputs, decode_prediction, options)
+        out = forward(inputs, decode_prediction, options)
         out["loss"].backward()
-        out["grad_norm"], out["finite"] = self.gradients(out["loss"].detach())
+        out["grad_norm"], out["finite"] = gradients(out["loss"].detach())
         for opt in self.optimizers.values():
             opt.step()
         return out
