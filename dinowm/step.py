@@ -75,11 +75,11 @@ class TrainStep:
         self.model, self.optimizers, self.base_lrs, self.schedule = model, optimizers, base_lrs, schedule
         self.device, self.dtype, self.grad_clip = device, dtype, grad_clip
         self.params = [p for opt in optimizers.values() for g in opt.param_groups for p in g["params"]]
-        # learning rates as device tensors: written in place before each step, so a compiled step sees no
-        # changing Python float (no recompilation) and a captured one reads them where they are
         self.found_inf = torch.zeros((), device=device)  # 1.0: the fused kernels skip this step
         for opt in optimizers.values():
             opt.found_inf = self.found_inf
+            # learning rates as device tensors, written in place before each step: a compiled step sees no
+            # changing Python float (no recompilation), a captured one reads them where they are
             for group in opt.param_groups:
                 group["lr"] = torch.tensor(float(group["lr"]), device=device)
         self.graph = None

@@ -219,12 +219,13 @@ def graph_losses(seed: int, dropout: float, steps: int = 3, lr_scale: float = 0.
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("compile", [False, True])
-def test_gpu_cuda_graph_replays_draw_new_dropout_masks_and_a_seed_reproduces(compile):
-    replays = graph_losses(0, dropout=0.1, compile=compile)
+def test_gpu_cuda_graph_replays_draw_new_dropout_masks_and_a_seed_reproduces():
+    """Triton attention dropout (kern's device seed) and torch's dropout, eager step captured (the compiled
+    step captured: test_gpu_compiled_cuda_graph_step_trains_like_eager; a compile per model is slow)."""
+    replays = graph_losses(0, dropout=0.1)
     assert len(set(replays)) == len(replays), replays  # same weights and inputs: only the masks differ
-    assert graph_losses(0, dropout=0.1, compile=compile) == replays  # a fixed seed reproduces
-    assert len(set(graph_losses(0, dropout=0.0, compile=compile))) == 1  # without dropout they are equal
+    assert graph_losses(0, dropout=0.1) == replays  # a fixed seed reproduces
+    assert len(set(graph_losses(0, dropout=0.0))) == 1  # without dropout they are equal
 
 
 @pytest.mark.gpu
