@@ -62,6 +62,11 @@ class DataConfig:
     'compat': over all episodes with unbiased std, as the original code."""
     num_workers: int = 0
     """DataLoader worker processes (0: batches are gathered in the main process, which is fast because frames live in memory)."""
+    device_store: str = "auto"
+    """Where the uint8 frame store and the feature cache live: 'device' (on the training device; batches are
+    gathered and resized there, no per-step copy of images), 'host' (host memory; a DataLoader gathers batches,
+    copied from pinned memory without blocking on CUDA) or 'auto' (device when it takes at most half the free
+    device memory and data.num_workers = 0; the start-up log says which and why)."""
 
 
 @dataclass
@@ -138,6 +143,8 @@ class TrainingConfig:
     before clipping is logged as grad_norm (mean over the logging window)."""
     feature_cache: bool = True
     """Cache the frozen encoder's features per frame (exact: the encoder is frozen and deterministic)."""
+    feature_cache_dtype: str = "fp32"
+    """fp32 (exact) | bf16 (half the memory; each feature rounded to bf16 once, relative error <= 2^-8)."""
     hang_timeout_s: float = 1800.0
     """If no training step completes for this many seconds, write all threads' stacks to train.log and exit
     with code 124 instead of freezing (a stuck DataLoader worker, a collective waiting on a dead rank). 0: off."""
@@ -273,6 +280,11 @@ class Config:
         _check_choice("model.embedding_backend", m.embedding_backend, SIMPLE_BACKENDS)
         _check(0.0 <= m.predictor_dropout < 1.0, "model.predictor_dropout", m.predictor_dropout, "must be in [0, 1)")
         _check_choice("training.dtype", t.dtype, ("fp32", "bf16"))
+        _check_choice("training.feature_cache_dtype", t.feature_cache_dtype, ("fp32", "bf16"))
+        _check_choice("data.device_store", d.device_store, ("auto", "device", "host"))
+        _check(d.device_store != "device" or d.num_workers == 0, "data.device_store", d.device_store,
+               f"gathers batches where the model runs, without DataLoader workers, but data.num_workers = "
+               f"{d.num_workers}; set data.num_workers = 0, or data.device_store = host / auto")
         o = self.optim
         _check_choice("optim.schedule", o.schedule, ("constant", "cosine", "wsd"))
         _check(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "must be >= 0")

@@ -38,7 +38,9 @@ from dinowm.checkpoint import (
 )
 from dinowm.config import Config, ConfigError
 from dinowm.data import FeatureCache, FrameWindows, build_data, make_loader, preprocess_images
+from dinowm.data.cache import CACHE_DTYPES
 from dinowm.data.normalize import NormStats
+from dinowm.data.store import StorePlan, estimate_store_bytes, free_device_bytes, place_windows, plan_store
 from dinowm.eval import HorizonAverages, horizon_errors, sample_indices
 from dinowm.metrics import MetricSink, StepTimer, maybe_profile
 from dinowm.models.world_model import build_world_model
@@ -128,11 +130,14 @@ class Trainer:
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 broadcast_buffers=False)
 
+        self.store = self._plan_store()
         self.cache = None
         if t.feature_cache:
             self.cache = FeatureCache(self.model, self.data.dataset.frames, cfg.data.img_size, self.device,
                                       self.dtype, progress=cfg.logging.progress_bar and self.dist.main,
-                                      rank=self.dist.rank, world_size=self.dist.world_size)
+                                      rank=self.dist.rank, world_size=self.dist.world_size,
+                                      store_device=self.device if self.store.on_device else torch.device("cpu"),
+                                      store_dtype=CACHE_DTYPES[t.feature_cache_dtype])
 
         drop_last = len(self.data.train) >= t.batch_size
         if self.dist.enabled and not drop_last:  # a partial global batch would give ranks unequal shares
@@ -141,12 +146,15 @@ class Trainer:
         shard = {"rank": self.dist.rank, "world_size": self.dist.world_size}
         self.train_loader = make_loader(self.data.train, t.batch_size, shuffle=True, seed=t.seed,
                                         drop_last=drop_last, num_workers=cfg.data.num_workers,
-                                        pin_memory=self.device.type == "cuda", **shard)
+                                        pin_memory=self.device.type == "cuda", in_place=self.store.on_device,
+                                        **shard)
         # validation: the whole split, or a seeded random subset across all of it (the same every time);
         # under torchrun each rank takes every world_size-th batch of it
         e = cfg.eval
         self.val_indices = sample_indices(len(self.data.val), e.max_batches * t.batch_size, t.seed)
         self.rollout_windows = self._rollout_windows()
+        if self.store.on_device:  # training, validation and rollout batches are all gathered there
+            place_windows([self.data.train, self.data.val, self.rollout_windows], self.device)
         self.rollout_indices = (sample_indices(len(self.rollout_windows), e.rollout_samples, t.seed)
                                 if self.rollout_windows is not None else None)
         self._validated_at = None
@@ -170,11 +178,27 @@ class Trainer:
         # last, so that nothing after it draws random numbers; ranks > 0 draw their own dropout masks
         self._restore_rng(checkpoint)
 
+    def _plan_store(self) -> StorePlan:
+        """data.device_store: where the frames and the feature cache live (the estimate and the decision logged)."""
+        t, ds, encoder = self.cfg.training, self.data.dataset, self.model.encoder
+        feature_shape = (encoder.num_patches, encoder.emb_dim) if t.feature_cache else None
+        need = estimate_store_bytes(ds.frames.shape[0], ds.frames.shape[1:], feature_shape,
+                                    CACHE_DTYPES[t.feature_cache_dtype])
+        plan = plan_store(self.cfg.data.device_store, self.device, need["total"], free_device_bytes(self.device),
+                          self.cfg.data.num_workers)
+        where = f"{self.device} memory" if plan.on_device else (
+            "host memory, pinned non-blocking copies" if self.device.type == "cuda" else "host memory, DataLoader")
+        log.info("data store: %s (frames %.2f GiB uint8 + feature cache %.2f GiB %s): %s", where,
+                 need["frames"] / 2**30, need["features"] / 2**30, t.feature_cache_dtype if t.feature_cache else "off",
+                 plan.reason)
+        return plan
+
     # ------------------------------------------------------------------------------------------
     # one step
     # ------------------------------------------------------------------------------------------
     def _inputs(self, batch: dict) -> dict:
-        """uint8 frames -> model images on the device, + cached features when enabled."""
+        """uint8 frames -> model images on the device, + cached features when enabled. With the device store
+        the batch is there already (the copies are no-ops) and only the resize / scaling runs."""
         obs = preprocess_images(batch["obs"].to(self.device, non_blocking=True), self.cfg.data.img_size)
         inputs = {
             "obs": obs,  # (B, T, 3, S, S) in [-1, 1]

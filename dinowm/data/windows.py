@@ -78,6 +78,8 @@ class FrameWindows(Dataset):
                 f"{self.span} steps (num_frames {num_frames} * frameskip {frameskip}) and give no sample: "
                 f"episodes {self.short_episodes} with lengths {[ds.seq_lengths[e] for e in self.short_episodes]}",
                 stacklevel=2)
+        # the dataset tensors a batch reads (own references: `apply_` may move them, e.g. to the GPU)
+        self.frames, self.states, self.frame_offsets = ds.frames, ds.states, ds.frame_offsets
         ids = torch.tensor(self.episode_ids, dtype=torch.int64)
         self.sample_episode = torch.repeat_interleave(ids, counts)  # (M,)
         first = torch.cumsum(counts, 0) - counts  # (E,) index of each episode's first sample
@@ -101,9 +103,9 @@ class FrameWindows(Dataset):
         """
         idx = torch.as_tensor(idx, dtype=torch.int64).reshape(-1)
         n = len(self)
-        if idx.numel() and (int(idx.min()) < -n or int(idx.max()) >= n):
+        if idx.numel() and (int(idx.min()) < -n or int(idx.max()) >= n):  # checked on the host: no device sync
             raise IndexError(f"sample index out of range for {n} samples")
-        idx = idx % max(n, 1)
+        idx = (idx % max(n, 1)).to(self.sample_episode.device)  # the gather runs where the tables live
         ep = self.sample_episode[idx]  # (B,)
         start = self.sample_start[idx]  # (B,)
         b, f, fs = idx.shape[0], self.num_frames, self.frameskip
@@ -111,17 +113,17 @@ class FrameWindows(Dataset):
         e = ep[:, None]  # (B, 1)
         action_t = start[:, None] + self._action_steps[None, :]  # (B, F * fs)
         action = self.actions[e, action_t].reshape(b, f, -1)  # (B, F*fs, Da) -> (B, F, fs*Da), time-major
-        frame_index = self.ds.frame_offsets[e] + t  # (B, F)
+        frame_index = self.frame_offsets[e] + t  # (B, F)
         out = {
             "proprio": self.proprio[e, t],  # (B, F, Dp)
             "action": action,
-            "state": self.ds.states[e, t],  # (B, F, 22)
+            "state": self.states[e, t],  # (B, F, 22)
             "frame_index": frame_index,
             "episode": ep,
             "start": start,
         }
-        if self.ds.frames is not None:
-            out["obs"] = self.ds.frames[frame_index]  # (B, F, H, W, 3)
+        if self.frames is not None:
+            out["obs"] = self.frames[frame_index]  # (B, F, H, W, 3)
         return out
 
     def __getitems__(self, indices: list[int]) -> dict:
@@ -132,13 +134,20 @@ class FrameWindows(Dataset):
             raise IndexError(f"sample {i} out of range for {len(self)} samples")
         return {k: v[0] for k, v in self.batch(torch.tensor([i])).items()}
 
+    _BATCH_TENSORS = ("frames", "states", "frame_offsets", "actions", "proprio", "sample_episode", "sample_start",
+                      "_frame_steps", "_action_steps")
+
+    def apply_(self, fn) -> "FrameWindows":
+        """Replace every tensor a batch reads by fn(tensor) (e.g. a copy on the GPU), in place."""
+        for name in self._BATCH_TENSORS:
+            x = getattr(self, name)
+            if x is not None:
+                setattr(self, name, fn(x))
+        return self
+
     def share_memory_(self) -> "FrameWindows":
         """Move every tensor a batch reads to shared memory (in place) so worker processes map it, not copy it."""
-        for x in (self.ds.frames, self.ds.states, self.ds.actions, self.ds.frame_offsets, self.actions, self.proprio,
-                  self.sample_episode, self.sample_start):
-            if x is not None and not x.is_shared():
-                x.share_memory_()
-        return self
+        return self.apply_(lambda x: x if x.is_shared() else x.share_memory_())
 
 
 class EpochBatchSampler(Sampler[list[int]]):
@@ -212,11 +221,30 @@ def _collate_batched(batch: dict) -> dict:
     return batch
 
 
+class InPlaceLoader:
+    """Batches gathered by index where the windows' tensors live (data.device_store = device: on the GPU,
+    or in host memory on the CPU), in the calling process: per step only the sampler's indices are
+    copied. The DataLoader's interface as the trainer uses it (`batch_sampler`, len, iteration)."""
+
+    def __init__(self, windows: FrameWindows, batch_sampler: EpochBatchSampler):
+        self.windows = windows
+        self.batch_sampler = batch_sampler
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)
+
+    def __iter__(self):
+        for indices in self.batch_sampler:
+            yield self.windows.batch(torch.tensor(indices, dtype=torch.int64))
+
+
 def make_loader(windows: FrameWindows, batch_size: int, shuffle: bool, seed: int, drop_last: bool,
                 num_workers: int = 0, pin_memory: bool = False, timeout: float = 600.0,
-                multiprocessing_context: str = "spawn", rank: int = 0, world_size: int = 1) -> DataLoader:
+                multiprocessing_context: str = "spawn", rank: int = 0, world_size: int = 1,
+                in_place: bool = False) -> DataLoader | InPlaceLoader:
     """A DataLoader over `windows` with an EpochBatchSampler (as `loader.batch_sampler`); with world_size > 1
-    it yields this rank's shard of each global batch of `batch_size`.
+    it yields this rank's shard of each global batch of `batch_size`. in_place: an InPlaceLoader instead
+    (the same sampler, the same batches, gathered where the windows live; no workers, no pinning).
 
     With num_workers > 0 the data is first moved to shared memory and workers are started with the
     "spawn" method (a fresh interpreter: no locks or threads inherited from the trainer; the script
@@ -229,6 +257,8 @@ def make_loader(windows: FrameWindows, batch_size: int, shuffle: bool, seed: int
     global torch RNG, which would shift dropout masks whenever an iterator is created (exact resume).
     """
     sampler = EpochBatchSampler(len(windows), batch_size, shuffle, seed, drop_last, rank, world_size)
+    if in_place:
+        return InPlaceLoader(windows, sampler)
     generator = torch.Generator().manual_seed(seed)
     if num_workers <= 0:
         return DataLoader(windows, batch_sampler=sampler, collate_fn=_collate_batched, pin_memory=pin_memory,
