@@ -91,3 +91,15 @@ def test_device_gathered_batches_equal_the_host_loaders_on_cuda(franka_dataset):
             # the resize on the device: the same filter, rounding may differ in the last bit
             torch.testing.assert_close(preprocess_images(y["obs"], 24).cpu(), preprocess_images(x["obs"], 24),
                                        rtol=0, atol=1e-6)
+
+
+def test_config_refuses_unknown_choices_and_workers_with_the_device_store():
+    from dinowm.config import load_config
+
+    with pytest.raises(ConfigError, match="data.device_store = 'gpu' is not one of 'auto', 'device', 'host'"):
+        load_config(overrides=["--data.device_store", "gpu"])
+    with pytest.raises(ConfigError, match="training.feature_cache_dtype = 'fp16' is not one of 'fp32', 'bf16'"):
+        load_config(overrides=["--training.feature_cache_dtype", "fp16"])
+    with pytest.raises(ConfigError, match="data.num_workers = 2; set data.num_workers = 0"):
+        load_config(overrides=["--data.device_store", "device", "--data.num_workers", "2"])
+    assert load_config(overrides=["--data.device_store", "host", "--data.num_workers", "2"]).data.num_workers == 2
