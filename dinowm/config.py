@@ -230,7 +230,7 @@ class LoggingConfig:
 @dataclass
 class ProfilingConfig:
     enabled: bool = False
-    """Record a torch.profiler trace (chrome trace in <run>/profile/)."""
+    """Profile a few steps: a Chrome trace and key_averages.txt (top ops by self time) in <run>/profile/."""
     wait: int = 2
     warmup: int = 2
     active: int = 4

@@ -1,11 +1,13 @@
 """Observability components: throughput metrics, metric sinks, profiler, image metrics.
 
 - `StepTimer` owns the timers of the training loop: samples/s, data-wait %, achieved FLOP/s and
-  MFU (when the device's peak is known; FLOPs counted on the first real step), peak memory.
+  MFU (when the device's peak is known; FLOPs counted on the first real step), peak memory per
+  epoch; one device sync per logging window, none per step; validation etc. left out.
 - `LossWindow` averages the step losses between two logging steps.
 - `MetricSink` writes every record to `<run>/metrics.jsonl`, and to TensorBoard / W&B only when
   they are installed and enabled.
-- `maybe_profile` yields a torch.profiler (or None); the loop calls `.step()` on it.
+- `maybe_profile` yields a torch.profiler (or None); the loop calls `.step()` on it; it writes a
+  Chrome trace and a key-averages table.
 - `psnr` / `ssim` compare decoded frames with ground truth (images in [-1, 1]).
 """
 from __future__ import annotations
@@ -22,14 +24,20 @@ import torch.nn.functional as F
 
 log = logging.getLogger("dinowm")
 
-# Dense bf16 tensor-core peaks (FLOP/s) of the cards our users train on, for MFU.
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A6000": 155e12, "4090": 165e12}
+# Dense bf16 tensor-core peaks (FLOP/s) of the cards our users train on, for MFU; the first key the
+# device name contains wins (so the H100 PCIe / NVL variants come before the SXM "H100").
+PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "B200": 2250e12,
+                   "A100": 312e12, "L40S": 362e12, "A6000": 155e12, "4090": 165e12}
 
 
 def device_peak_flops(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
+    return peak_flops_of(torch.cuda.get_device_name(device))
+
+
+def peak_flops_of(name: str) -> float | None:
+    """Dense bf16 peak of a GPU by its name (the first key of PEAK_BF16_FLOPS it contains), None if unknown."""
     return next((peak for key, peak in PEAK_BF16_FLOPS.items() if key in name), None)
 
 
@@ -49,21 +57,31 @@ def _sync(device: torch.device) -> None:
 
 
 class StepTimer:
-    """Times data wait vs compute per step and summarises a logging window."""
+    """Throughput of the training steps between two logging steps, without a device sync per step.
 
-    def __init__(self, device: torch.device, flops_per_sample: float | None = None, devices: int = 1):
+    The host queues a step's work and runs ahead of the device; the window is timed from one logging
+    step to the next, each `summary()` ending with one synchronize, so it covers the device's work of
+    its steps. What the loop does inside `excluded()` (validation, rollouts, images, checkpoints:
+    synchronised on entry and exit) counts neither as step time nor as data wait. Data wait: host time
+    from the end of one step's launch to the arrival of the next batch.
+
+    `clock`: seconds (time.perf_counter by default; tests pass a fake one).
+    """
+
+    def __init__(self, device: torch.device, flops_per_sample: float | None = None, devices: int = 1,
+                 clock=None):
         """devices: how many devices (ranks) step together; throughput and MFU are then of all of them."""
         self.device = device
         self.flops_per_sample = flops_per_sample
         peak = device_peak_flops(device)
         self.peak_flops = peak * devices if peak else None
-        self._reset_window()
-        self._mark = time.perf_counter()
+        self._clock = clock or time.perf_counter
+        self._start_window()
 
-    def _reset_window(self):
-        self.samples = 0
-        self.data_seconds = 0.0
-        self.total_seconds = 0.0
+    def _start_window(self):
+        self.samples = self.steps = 0
+        self.data_seconds = self.excluded_seconds = 0.0
+        self._window_start = self._mark = self._clock()
 
     def run_step(self, step_fn, batch_size: int):
         """`step_fn()`; the first time under FlopCounterMode, which sets flops_per_sample (counted on a
@@ -76,22 +94,46 @@ class StepTimer:
 
     def data_ready(self) -> None:
         """Call when the batch has arrived: the time since the last step ended was data wait."""
-        self.data_seconds += time.perf_counter() - self._mark
+        self.data_seconds += self._clock() - self._mark
 
     def step_done(self, batch_size: int) -> None:
-        _sync(self.device)
-        now = time.perf_counter()
-        self.total_seconds += now - self._mark
+        """Call when a step's work has been launched (no sync: the device may still be running it)."""
         self.samples += batch_size
-        self._mark = now
+        self.steps += 1
+        self._mark = self._clock()
+
+    @contextlib.contextmanager
+    def excluded(self):
+        """Time spent inside is left out of the window (validation, rollouts, images, checkpoints)."""
+        _sync(self.device)  # the steps' queued work belongs to the steps
+        start = self._clock()
+        try:
+            yield
+        finally:
+            _sync(self.device)
+            spent = self._clock() - start
+            self.excluded_seconds += spent
+            self._mark += spent  # the next batch's data wait starts after it
+
+    def start_epoch(self) -> None:
+        """Peak memory is reported per epoch: reset the device's peak counter."""
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
 
     def summary(self) -> dict:
-        """Throughput of the window since the last summary (then starts a new window)."""
-        seconds = max(self.total_seconds, 1e-9)
+        """Throughput of the window since the last summary (one device sync; then starts a new window).
+
+        samples_per_s, step_time_s (mean wall time per step, data wait included), data_wait_pct,
+        excluded_s (validation etc. left out), tflops (achieved, of all devices), mfu_pct (of the
+        devices' dense bf16 peak, known GPUs only), peak_mem_gib (CUDA: allocated, since the epoch began).
+        """
+        _sync(self.device)
+        seconds = max(self._clock() - self._window_start - self.excluded_seconds, 1e-9)
         out = {
             "samples_per_s": self.samples / seconds,
-            "step_time_s": seconds,
+            "step_time_s": seconds / max(self.steps, 1),
             "data_wait_pct": 100.0 * self.data_seconds / seconds,
+            "excluded_s": self.excluded_seconds,
         }
         if self.flops_per_sample:
             achieved = self.flops_per_sample * self.samples / seconds
@@ -100,7 +142,7 @@ class StepTimer:
                 out["mfu_pct"] = 100.0 * achieved / self.peak_flops
         if self.device.type == "cuda":
             out["peak_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
-        self._reset_window()
+        self._start_window()
         return out
 
 
@@ -198,24 +240,45 @@ def drop_records_after(path: Path, step: int) -> None:
 
 @contextlib.contextmanager
 def maybe_profile(cfg, run_dir: Path):
-    """Yield a torch.profiler.profile (chrome traces in <run>/profile/) when cfg.enabled, else None."""
+    """Yield a torch.profiler.profile when cfg.enabled, else None. It records `cfg.active` steps after
+    `cfg.wait` + `cfg.warmup` and writes into <run>/profile/: the Chrome trace (*.pt.trace.json) and
+    key_averages.txt, the top ops by self time on the CPU and, where recorded, on the GPU."""
     if not cfg.enabled:
         yield None
         return
     from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
 
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    cuda = torch.cuda.is_available()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     out = run_dir / "profile"
     out.mkdir(parents=True, exist_ok=True)
+    write_trace = tensorboard_trace_handler(str(out))
+
+    def on_trace_ready(prof):
+        write_trace(prof)
+        write_key_averages(prof, out / "key_averages.txt", cuda)
+
     with profile(
         activities=activities,
         schedule=schedule(wait=cfg.wait, warmup=cfg.warmup, active=cfg.active, repeat=1),
-        on_trace_ready=tensorboard_trace_handler(str(out)),
+        on_trace_ready=on_trace_ready,
         record_shapes=True,
         profile_memory=True,
     ) as prof:
         yield prof
-    log.info("profiler trace written to %s (open in chrome://tracing or Perfetto)", out)
+    log.info("profiler: Chrome trace and key_averages.txt in %s (open the trace in https://ui.perfetto.dev or "
+             "chrome://tracing)", out)
+
+
+def write_key_averages(prof, path: Path, cuda: bool, rows: int = 40) -> None:
+    """The profiled steps' ops, aggregated by name: the top `rows` by self CPU time, then by self GPU time."""
+    averages = prof.key_averages()
+    sections = [("self CPU time", "self_cpu_time_total")]
+    if cuda:
+        sections.append(("self GPU time", "self_device_time_total"))
+    text = [f"# top {rows} ops by {title} over the profiled steps\n{averages.table(sort_by=key, row_limit=rows)}"
+            for title, key in sections]
+    path.write_text("\n\n".join(text) + "\n")
 
 
 # ----------------------------------------------------------------------------------------------

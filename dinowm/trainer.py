@@ -12,7 +12,7 @@ A run folder holds:
 Every validation also logs the copy-last-frame baseline (the last context frame repeated) on the same
 samples (`val_copy_last_z_visual_loss`, `rollout_h<h>_copy_last_z_visual_err`, and their ratios), so a
 run shows at a glance whether it predicts better than doing nothing.
-    profile/                torch.profiler traces (when profiling.enabled)
+    profile/                a torch.profiler Chrome trace + key_averages.txt (when profiling.enabled)
 """
 from __future__ import annotations
 
@@ -42,6 +42,7 @@ from dinowm.data.cache import CACHE_DTYPES
 from dinowm.data.normalize import NormStats
 from dinowm.data.store import StorePlan, estimate_store_bytes, free_device_bytes, place_windows, plan_store
 from dinowm.eval import HorizonAverages, horizon_errors, sample_indices
+from dinowm.gpu_monitor import GpuMonitor
 from dinowm.metrics import MetricSink, StepTimer, maybe_profile
 from dinowm.models.world_model import build_world_model
 from dinowm.resilience import HangWatchdog, NonFiniteError, StopOnSignal
@@ -240,6 +241,7 @@ class Trainer:
         steps_per_epoch = len(self.train_loader)
         total_steps = self.total_steps()  # max_steps wins, past `epochs` if need be
         timer = StepTimer(self.device, devices=self.dist.world_size)
+        gpu = GpuMonitor.for_device(self.device)
         last = {}
         bar = tqdm(total=total_steps, initial=self.step, desc="train", unit="step",
                    disable=not (cfg.logging.progress_bar and self.dist.main), dynamic_ncols=True)
@@ -247,6 +249,7 @@ class Trainer:
         with maybe_profile(cfg.profiling, self.run_dir) as profiler, StopOnSignal() as stop, \
                 HangWatchdog(t.hang_timeout_s, log_file, self.dist.rank) as self.watchdog:
             while self.step < total_steps:
+                timer.start_epoch()
                 self.train_loader.batch_sampler.set_epoch(self.epoch, start_batch=self.batch_in_epoch)
                 for batch in self.train_loader:
                     timer.data_ready()
@@ -265,17 +268,24 @@ class Trainer:
                         # every rank's loss is the mean over an equal share: their mean is the global batch's
                         last = distributed.mean_over_ranks(window["means"])
                         last.update(timer.summary())
+                        gpu_values = gpu.read()
+                        last.update(gpu_values)
                         last["epoch"] = self.epoch + self.batch_in_epoch / steps_per_epoch
                         last["nonfinite_skips"] = window["skips"]
                         self.sink.write(self.step, "train", last)
                         if "loss" in last:
-                            bar.set_postfix(loss=f"{last['loss']:.4f}", sps=f"{last['samples_per_s']:.1f}")
+                            bar.set_postfix(loss=f"{last['loss']:.4f}", sps=f"{last['samples_per_s']:.1f}",
+                                            **({"gpu": gpu.postfix(gpu_values)} if gpu_values else {}))
+                    # validation, rollouts, images and checkpoints are not step or data-wait time
                     if self.batch_in_epoch == steps_per_epoch:  # before a Ctrl-C save: never save "end of epoch, not done"
-                        self._end_of_epoch(batch, out)
+                        with timer.excluded():
+                            self._end_of_epoch(batch, out)
                     if cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0 and self._validated_at != self.step:
-                        self.validate(images=False)
+                        with timer.excluded():
+                            self.validate(images=False)
                     if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0:
-                        self.save(keep_as=f"step{self.step}" if cfg.checkpoint.keep_epochs else None)
+                        with timer.excluded():
+                            self.save(keep_as=f"step{self.step}" if cfg.checkpoint.keep_epochs else None)
                     if distributed.any_rank(stop.requested):  # all ranks stop after the same step
                         bar.close()
                         path = self.save()

@@ -1,11 +1,11 @@
-"""Image metrics and the metric sink."""
+"""Image metrics, the metric sink, the step timer."""
 import json
 import math
 
 import pytest
 import torch
 
-from dinowm.metrics import MetricSink, psnr, ssim
+from dinowm.metrics import MetricSink, StepTimer, peak_flops_of, psnr, ssim
 
 
 def test_psnr_is_20_db_at_rms_error_0_1():
@@ -59,3 +59,57 @@ def test_metric_sink_writes_jsonl(tmp_path):
     sink.close()
     (record,) = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert record["step"] == 3 and record["split"] == "train" and math.isclose(record["loss"], 0.5)
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+    def advance(self, seconds):
+        self.now += seconds
+
+
+def _steps(timer, clock, n, wait, compute, batch):
+    for _ in range(n):
+        clock.advance(wait)
+        timer.data_ready()
+        clock.advance(compute)
+        timer.step_done(batch)
+
+
+def test_step_timer_window_leaves_out_what_runs_inside_excluded():
+    clock = FakeClock()
+    timer = StepTimer(torch.device("cpu"), flops_per_sample=2e9, clock=clock)
+    _steps(timer, clock, 3, wait=0.1, compute=0.4, batch=8)
+    with timer.excluded():  # a validation of 30 s between two steps
+        clock.advance(30.0)
+    _steps(timer, clock, 1, wait=0.1, compute=0.4, batch=8)
+    s = timer.summary()
+    assert s["excluded_s"] == pytest.approx(30.0)
+    assert s["step_time_s"] == pytest.approx(0.5)  # 4 steps in 2 s, not 32 s
+    assert s["samples_per_s"] == pytest.approx(16.0)
+    assert s["data_wait_pct"] == pytest.approx(20.0)  # the wait after the validation is 0.1 s, not 30.1
+    assert s["tflops"] == pytest.approx(2e9 * 32 / 2.0 / 1e12)
+    assert "mfu_pct" not in s and "peak_mem_gib" not in s  # the CPU: no known peak, no CUDA memory
+    # the next window starts fresh
+    _steps(timer, clock, 2, wait=0.0, compute=1.0, batch=8)
+    s = timer.summary()
+    assert s["step_time_s"] == pytest.approx(1.0) and s["excluded_s"] == 0 and s["data_wait_pct"] == 0
+
+
+def test_mfu_against_the_dense_bf16_peak_of_known_gpus(monkeypatch):
+    assert peak_flops_of("NVIDIA H100 80GB HBM3") == 989e12
+    assert peak_flops_of("NVIDIA H100 PCIe") == 756e12  # not the SXM figure
+    assert peak_flops_of("NVIDIA H200") == 989e12 and peak_flops_of("NVIDIA A100-SXM4-80GB") == 312e12
+    assert peak_flops_of("Tesla T4") is None  # unknown: TFLOP/s only
+    import dinowm.metrics
+
+    monkeypatch.setattr(dinowm.metrics, "device_peak_flops", lambda device: peak_flops_of("NVIDIA H100 80GB HBM3"))
+    clock = FakeClock()
+    timer = StepTimer(torch.device("cpu"), flops_per_sample=1e12, devices=2, clock=clock)  # two H100 ranks
+    _steps(timer, clock, 1, wait=0.0, compute=1.0, batch=64)
+    s = timer.summary()
+    assert s["tflops"] == pytest.approx(64.0) and s["mfu_pct"] == pytest.approx(100 * 64e12 / (2 * 989e12))

@@ -1,0 +1,98 @@
+"""GPU monitor: utilisation, memory, power, temperature, SM clock and throttle reasons via NVML.
+
+Read at every logging step (a few NVML queries, no CUDA sync) into metrics.jsonl and the progress
+bar. When the GPU slows its clocks for a reason that costs training speed (thermal, power cap,
+hardware slowdown, power brake), a warning names the reason and what to check; it is repeated only
+when the set of reasons changes. pynvml (the `gpu` extra) is imported lazily: without it, or on the
+CPU, the monitor logs one info line and reads nothing.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+log = logging.getLogger("dinowm")
+
+# NVML clock-event ("throttle") reason bits (nvmlClocksEventReason* / nvmlClocksThrottleReason*, stable
+# across NVML versions). The others (idle, application clocks, sync boost, display clocks) are not a
+# slowdown of a busy training GPU and are not warned about.
+THROTTLE_REASONS = {
+    0x04: ("power_cap", "software power cap: drawing {power:.0f} W of the {limit:.0f} W limit (raise it with "
+                        "`sudo nvidia-smi -pl <watts>` if the cooling allows)"),
+    0x08: ("hw_slowdown", "hardware slowdown (temperature or power supply; check cooling and power cables)"),
+    0x20: ("sw_thermal", "thermal (software): {temp:.0f} C; improve airflow / fan control, or lower the power "
+                         "limit (`sudo nvidia-smi -pl <watts>`) to run cooler at a steady clock"),
+    0x40: ("hw_thermal", "thermal (hardware): {temp:.0f} C; improve airflow / fan control, or lower the power "
+                         "limit (`sudo nvidia-smi -pl <watts>`)"),
+    0x80: ("power_brake", "hardware power brake (the power supply or an external signal asks for less power)"),
+}
+
+
+class GpuMonitor:
+    """NVML readings of one GPU. `read()` -> {} when NVML is unavailable."""
+
+    def __init__(self, uuid: str | None):
+        """uuid: the GPU's NVML UUID ("GPU-..."; None: no GPU, the monitor stays off)."""
+        self._nvml = self._handle = None
+        self._warned: frozenset = frozenset()
+        if uuid is None:
+            log.info("GPU monitor: off (training on the CPU)")
+            return
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self._handle = pynvml.nvmlDeviceGetHandleByUUID(uuid)
+        except Exception as e:  # pynvml missing (ImportError) or no usable driver (NVMLError)
+            log.info("GPU monitor: off (NVML unavailable: %s; `pip install pynvml` for GPU readings)",
+                     type(e).__name__ if not str(e) else e)
+            return
+        self._nvml = pynvml
+
+    @classmethod
+    def for_device(cls, device: torch.device) -> "GpuMonitor":
+        if device.type != "cuda":
+            return cls(None)
+        uuid = str(torch.cuda.get_device_properties(device).uuid)  # NVML's UUID without its "GPU-" prefix
+        return cls(uuid if uuid.startswith("GPU-") else f"GPU-{uuid}")
+
+    @property
+    def enabled(self) -> bool:
+        return self._nvml is not None
+
+    def read(self) -> dict:
+        """gpu_util_pct, gpu_mem_used_gib (the whole GPU's, all processes), gpu_power_w, gpu_temp_c,
+        gpu_sm_clock_mhz, gpu_throttle (names of the slowdown reasons, "" when none); warns on throttling."""
+        if self._nvml is None:
+            return {}
+        nvml, h = self._nvml, self._handle
+        reasons_fn = getattr(nvml, "nvmlDeviceGetCurrentClocksEventReasons", None) or \
+            nvml.nvmlDeviceGetCurrentClocksThrottleReasons  # the older name
+        mask = int(reasons_fn(h))
+        values = {
+            "gpu_util_pct": float(nvml.nvmlDeviceGetUtilizationRates(h).gpu),
+            "gpu_mem_used_gib": nvml.nvmlDeviceGetMemoryInfo(h).used / 2**30,
+            "gpu_power_w": nvml.nvmlDeviceGetPowerUsage(h) / 1000.0,  # mW
+            "gpu_temp_c": float(nvml.nvmlDeviceGetTemperature(h, nvml.NVML_TEMPERATURE_GPU)),
+            "gpu_sm_clock_mhz": float(nvml.nvmlDeviceGetClockInfo(h, nvml.NVML_CLOCK_SM)),
+        }
+        active = {bit: text for bit, text in THROTTLE_REASONS.items() if mask & bit}
+        values["gpu_throttle"] = ",".join(name for name, _ in active.values())
+        if active and frozenset(active) != self._warned:
+            limit = nvml.nvmlDeviceGetEnforcedPowerLimit(h) / 1000.0
+            what = "; ".join(text.format(power=values["gpu_power_w"], limit=limit, temp=values["gpu_temp_c"])
+                             for _, text in active.values())
+            log.warning("GPU throttling (SM clock %.0f MHz, %.0f C, %.0f W): %s; steps get slower while it lasts",
+                        values["gpu_sm_clock_mhz"], values["gpu_temp_c"], values["gpu_power_w"], what)
+        self._warned = frozenset(active)
+        return values
+
+    @staticmethod
+    def postfix(values: dict) -> str:
+        """A short progress-bar text: '97% 71C 310W 1980MHz' (+ the throttle reasons)."""
+        if not values:
+            return ""
+        text = (f"{values['gpu_util_pct']:.0f}% {values['gpu_mem_used_gib']:.1f}G {values['gpu_temp_c']:.0f}C "
+                f"{values['gpu_power_w']:.0f}W {values['gpu_sm_clock_mhz']:.0f}MHz")
+        return text + (f" {values['gpu_throttle']}" if values["gpu_throttle"] else "")
