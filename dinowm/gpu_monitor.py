@@ -32,12 +32,12 @@ THROTTLE_REASONS = {
 class GpuMonitor:
     """NVML readings of one GPU. `read()` -> {} when NVML is unavailable."""
 
-    def __init__(self, uuid: str | None):
-        """uuid: the GPU's NVML UUID ("GPU-..."; None: no GPU, the monitor stays off)."""
+    def __init__(self, uuid: str | None, why_off: str = "training on the CPU"):
+        """uuid: the GPU's NVML UUID ("GPU-..."; None: the monitor stays off, the log says why_off)."""
         self._nvml = self._handle = None
         self._warned: frozenset = frozenset()
         if uuid is None:
-            log.info("GPU monitor: off (training on the CPU)")
+            log.info("GPU monitor: off (%s)", why_off)
             return
         try:
             import pynvml
@@ -54,45 +54,59 @@ class GpuMonitor:
     def for_device(cls, device: torch.device) -> "GpuMonitor":
         if device.type != "cuda":
             return cls(None)
-        uuid = str(torch.cuda.get_device_properties(device).uuid)  # NVML's UUID without its "GPU-" prefix
+        try:
+            uuid = str(torch.cuda.get_device_properties(device).uuid)  # NVML's UUID without its "GPU-" prefix
+        except (AttributeError, RuntimeError) as e:  # the monitor is optional: never stop a run for it
+            return cls(None, f"cannot identify {device} for NVML: {e}")
         return cls(uuid if uuid.startswith("GPU-") else f"GPU-{uuid}")
 
     @property
     def enabled(self) -> bool:
         return self._nvml is not None
 
+    def _query(self, name: str, *args):
+        """One NVML call; None where the board does not support it (e.g. utilisation of a MIG slice)."""
+        try:
+            return getattr(self._nvml, name)(self._handle, *args)
+        except Exception:  # pynvml.NVMLError_NotSupported and friends: a missing reading, not a failed run
+            return None
+
     def read(self) -> dict:
         """gpu_util_pct, gpu_mem_used_gib (the whole GPU's, all processes), gpu_power_w, gpu_temp_c,
-        gpu_sm_clock_mhz, gpu_throttle (names of the slowdown reasons, "" when none); warns on throttling."""
+        gpu_sm_clock_mhz, gpu_throttle (names of the slowdown reasons, "" when none), each where the board
+        reports it; warns when the reasons for a slowdown change to a non-empty set."""
         if self._nvml is None:
             return {}
-        nvml, h = self._nvml, self._handle
-        reasons_fn = getattr(nvml, "nvmlDeviceGetCurrentClocksEventReasons", None) or \
-            nvml.nvmlDeviceGetCurrentClocksThrottleReasons  # the older name
-        mask = int(reasons_fn(h))
-        values = {
-            "gpu_util_pct": float(nvml.nvmlDeviceGetUtilizationRates(h).gpu),
-            "gpu_mem_used_gib": nvml.nvmlDeviceGetMemoryInfo(h).used / 2**30,
-            "gpu_power_w": nvml.nvmlDeviceGetPowerUsage(h) / 1000.0,  # mW
-            "gpu_temp_c": float(nvml.nvmlDeviceGetTemperature(h, nvml.NVML_TEMPERATURE_GPU)),
-            "gpu_sm_clock_mhz": float(nvml.nvmlDeviceGetClockInfo(h, nvml.NVML_CLOCK_SM)),
+        nvml, q = self._nvml, self._query
+        raw = {
+            "gpu_util_pct": (q("nvmlDeviceGetUtilizationRates"), lambda r: float(r.gpu)),
+            "gpu_mem_used_gib": (q("nvmlDeviceGetMemoryInfo"), lambda r: r.used / 2**30),
+            "gpu_power_w": (q("nvmlDeviceGetPowerUsage"), lambda mw: mw / 1000.0),
+            "gpu_temp_c": (q("nvmlDeviceGetTemperature", nvml.NVML_TEMPERATURE_GPU), float),
+            "gpu_sm_clock_mhz": (q("nvmlDeviceGetClockInfo", nvml.NVML_CLOCK_SM), float),
         }
-        active = {bit: text for bit, text in THROTTLE_REASONS.items() if mask & bit}
+        values = {k: convert(r) for k, (r, convert) in raw.items() if r is not None}
+        mask = q("nvmlDeviceGetCurrentClocksEventReasons")
+        if mask is None:  # the older name
+            mask = q("nvmlDeviceGetCurrentClocksThrottleReasons")
+        if mask is None:
+            return values
+        active = {bit: text for bit, text in THROTTLE_REASONS.items() if int(mask) & bit}
         values["gpu_throttle"] = ",".join(name for name, _ in active.values())
         if active and frozenset(active) != self._warned:
-            limit = nvml.nvmlDeviceGetEnforcedPowerLimit(h) / 1000.0
-            what = "; ".join(text.format(power=values["gpu_power_w"], limit=limit, temp=values["gpu_temp_c"])
-                             for _, text in active.values())
+            limit = (q("nvmlDeviceGetEnforcedPowerLimit") or float("nan")) / 1000.0
+            nan = float("nan")
+            what = "; ".join(text.format(power=values.get("gpu_power_w", nan), limit=limit,
+                                         temp=values.get("gpu_temp_c", nan)) for _, text in active.values())
             log.warning("GPU throttling (SM clock %.0f MHz, %.0f C, %.0f W): %s; steps get slower while it lasts",
-                        values["gpu_sm_clock_mhz"], values["gpu_temp_c"], values["gpu_power_w"], what)
+                        values.get("gpu_sm_clock_mhz", nan), values.get("gpu_temp_c", nan),
+                        values.get("gpu_power_w", nan), what)
         self._warned = frozenset(active)
         return values
 
     @staticmethod
     def postfix(values: dict) -> str:
-        """A short progress-bar text: '97% 71C 310W 1980MHz' (+ the throttle reasons)."""
-        if not values:
-            return ""
-        text = (f"{values['gpu_util_pct']:.0f}% {values['gpu_mem_used_gib']:.1f}G {values['gpu_temp_c']:.0f}C "
-                f"{values['gpu_power_w']:.0f}W {values['gpu_sm_clock_mhz']:.0f}MHz")
-        return text + (f" {values['gpu_throttle']}" if values["gpu_throttle"] else "")
+        """A short progress-bar text: '97% 30.0G 71C 512W 1980MHz' (+ the throttle reasons)."""
+        units = (("gpu_util_pct", "{:.0f}%"), ("gpu_mem_used_gib", "{:.1f}G"), ("gpu_temp_c", "{:.0f}C"),
+                 ("gpu_power_w", "{:.0f}W"), ("gpu_sm_clock_mhz", "{:.0f}MHz"), ("gpu_throttle", "{}"))
+        return " ".join(fmt.format(values[k]) for k, fmt in units if values.get(k) not in (None, ""))

@@ -82,3 +82,13 @@ def test_reads_the_training_gpu():
     monitor = GpuMonitor.for_device(torch.device("cuda", 0))
     values = monitor.read()
     assert monitor.enabled and 0 <= values["gpu_util_pct"] <= 100 and values["gpu_sm_clock_mhz"] > 0
+
+
+def test_a_reading_the_board_does_not_support_is_left_out(gpu, monkeypatch):
+    def not_supported(h):
+        raise RuntimeError("NVML_ERROR_NOT_SUPPORTED")  # e.g. utilisation of a MIG slice
+
+    monkeypatch.setattr(sys.modules["pynvml"], "nvmlDeviceGetUtilizationRates", not_supported)
+    values = GpuMonitor("GPU-1234").read()
+    assert "gpu_util_pct" not in values and values["gpu_temp_c"] == 71.0
+    assert GpuMonitor.postfix(values) == "30.0G 71C 512W 1980MHz"

@@ -42,3 +42,14 @@ def test_each_store_trains_the_same_and_bf16_features_stay_close(dataset, tmp_pa
     bf16, _, bf16_log = run(dataset, tmp_path / "bf16", "--training.feature_cache_dtype", "bf16")
     assert "feature cache 0.00 GiB bf16" in bf16_log
     assert bf16 != host and all(abs(bf16[s] - host[s]) <= 1e-2 * abs(host[s]) for s in host), (bf16, host)
+
+
+@pytest.mark.gpu
+def test_the_device_store_on_cuda_trains_like_the_host_store(dataset, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="dinowm")
+    cuda = ["--training.device", "cuda"]
+    host, _, host_log = run(dataset, tmp_path / "host", *cuda, "--data.device_store", "host")
+    device, _, device_log = run(dataset, tmp_path / "device", *cuda)  # auto: a tiny store fits
+    assert "host memory, pinned non-blocking copies" in host_log and "data store: cuda:0 memory" in device_log
+    # the same uint8 batches, resized on the GPU in both; cuDNN may pick other algorithms per run
+    assert sorted(device) == sorted(host) and all(abs(device[s] - host[s]) <= 1e-5 * abs(host[s]) for s in host)
