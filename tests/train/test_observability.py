@@ -31,7 +31,8 @@ def run_dir(tmp_path_factory):
         return validate(self, *args, **kwargs)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(dinowm.trainer, "StepTimer", functools.partial(StepTimer, clock=lambda: time.perf_counter() + offset[0]))
+        clock = lambda: time.perf_counter() + offset[0]  # noqa: E731
+        mp.setattr(dinowm.trainer, "StepTimer", functools.partial(StepTimer, clock=clock))
         mp.setattr(dinowm.trainer.Trainer, "validate", slow_validate)
         train(["--config", "demo.toml", "--data.path", str(dataset), "--data.demo_episodes", "0",
                "--out", str(root / "run"), *TINY, "--training.max_steps", "3", "--eval.every_steps", "1",
