@@ -8,7 +8,8 @@ A checkpoint is one `torch.save`d dict (format "dinowm/1"):
     norm_stats    NormStats.to_dict(): the statistics evaluation and rollouts must reuse
     config        Config.to_dict() of the run
     step, epoch, batch_in_epoch   where training stands (batch_in_epoch > 0: interrupted mid-epoch)
-    rng           python / numpy / torch CPU / CUDA generator states (tensors and primitives)
+    rng           python / numpy / torch CPU / CUDA generator states (tensors and primitives), and the
+                  model's Triton dropout seeds ("dropout_seeds", kernels/dropout.py; absent in older files)
 
 Everything in it is a tensor or a primitive (dict, list, tuple, str, int, float, bool, None), so
 `load_checkpoint` reads it with `torch.load(weights_only=True)`: a crafted file cannot run code.
@@ -33,6 +34,7 @@ import numpy as np
 import torch
 
 from dinowm.errors import UserError
+from kernels import dropout
 
 CHECKPOINT_FORMAT = "dinowm/1"
 
@@ -136,8 +138,9 @@ def check_resumable(ckpt: dict, path) -> None:
             f"start a new run from it with --init-from {path}")
 
 
-def capture_rng_state() -> dict:
-    """Generator states as tensors and primitives (loadable with weights_only=True)."""
+def capture_rng_state(model=None) -> dict:
+    """Generator states as tensors and primitives (loadable with weights_only=True); with a model, also the
+    state of its DropoutSeed modules (the Triton attention's dropout stream, device state)."""
     version, internal, gauss = random.getstate()
     algorithm, keys, pos, has_gauss, cached = np.random.get_state()
     state = {"python": [version, list(internal), gauss],
@@ -146,10 +149,14 @@ def capture_rng_state() -> dict:
              "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
+    if model is not None:
+        state["dropout_seeds"] = dropout.get_states(model)
     return state
 
 
-def restore_rng_state(state: dict) -> None:
+def restore_rng_state(state: dict, model=None) -> None:
+    """The inverse of capture_rng_state. A checkpoint from before dropout seeds were saved leaves the
+    model's as they are (seeded from training.seed): the continuation draws other Triton dropout masks."""
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     n = state["numpy"]
@@ -158,3 +165,5 @@ def restore_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+    if model is not None and "dropout_seeds" in state:
+        dropout.set_states(model, state["dropout_seeds"])

@@ -49,6 +49,7 @@ from dinowm.resilience import HangWatchdog, NonFiniteError, StopOnSignal
 from dinowm.schedule import Schedule
 from dinowm.step import StepStats, TrainStep, build_optimizers
 from dinowm.visualize import save_grid
+from kernels import dropout
 
 log = logging.getLogger("dinowm")
 
@@ -502,7 +503,7 @@ class Trainer:
         nonfinite_skips = self._check_nonfinite()["skips"]
         folder = self.run_dir / "checkpoints"
         path = folder / "model_latest.pt"
-        rng = distributed.all_gather_objects(capture_rng_state())
+        rng = distributed.all_gather_objects(capture_rng_state(self.model))
         if not self.dist.main:
             return path
         state = self.state(rng, nonfinite_skips)
@@ -591,10 +592,11 @@ class Trainer:
                             "continuation is not bit-identical to an uninterrupted run", self.dist.world_size,
                             ckpt.get("world_size", 1))
             if rank == 0 or same_world:
-                restore_rng_state(streams[rank])
+                restore_rng_state(streams[rank], self.model)
                 return
         if rank > 0:
             torch.manual_seed(self.cfg.training.seed + 1_000_003 * rank + self.step)
+            dropout.reseed(self.model, self.cfg.training.seed + 1_000_003 * rank + self.step)
 
 
 def _frame_labels(num_hist: int, horizon: int) -> list[str]:

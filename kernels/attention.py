@@ -19,8 +19,8 @@ Backward (P recomputed from q, k and LSE; Delta = rowsum(dO * O) = rowsum(P * dP
     dq  = rope^T(dq~),    rope^T(g) = g * cos - rot(g * sin)   (the transposed map; the tables are
                                                              per element so both RoPE conventions work)
 
-Tiling. The sequence is cut into query blocks of BLOCK_M rows and key blocks of BLOCK_N columns. On
-the host, from frame_ids alone, every (query block, key block) pair is classified with the min/max
+Tiling. The sequence is cut into query blocks of BLOCK_M rows and key blocks of BLOCK_N columns. From
+frame_ids alone (`kernels.frames.block_maps`, cached per token layout in a `FrameLayout`), every (query block, key block) pair is classified with the min/max
 frame of each block: skipped (min f(key) > max f(query): no allowed entry), full (max f(key) <= min
 f(query), and no padded row or column: no mask at all), or partial (everything else: the frame mask
 is applied). Each query block gets the list of its full key blocks followed by its partial ones
@@ -48,7 +48,6 @@ compile without spills on sm_80 and sm_90; see `CONFIGS` and `compile_specs`).
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import torch
@@ -56,6 +55,8 @@ import triton
 import triton.language as tl
 
 from .common import dot_dtype, tl_dtypes, unit_last
+from .frames import (CONFIGS, HEAD_DIMS, AttentionConfig, FrameLayout, block_maps,  # noqa: F401
+                     config_for, pad_head_dim as _pad_head_dim)
 from .flops import block_causal_attention_bwd_flops, block_causal_attention_flops, register_flops
 
 LOG2E = 1.4426950408889634
@@ -412,80 +413,6 @@ def _rope_kernel(
 
 
 # ----------------------------------------------------------------------------------------------
-# configuration and block maps
-# ----------------------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class AttentionConfig:
-    """Tiles and launch parameters per kernel: (BLOCK_M, BLOCK_N, num_warps, num_stages) each."""
-
-    fwd: tuple[int, int, int, int]
-    dkdv: tuple[int, int, int, int]
-    dq: tuple[int, int, int, int]
-
-    def blocks(self) -> list[int]:
-        """The six tile sizes, as the custom op takes them."""
-        return [*self.fwd[:2], *self.dkdv[:2], *self.dq[:2]]
-
-
-# One fixed config per (padded head dim, dropout) (no autotuning: it needs a driver). Checked by
-# `python -m kernels.compile_check` to compile without spills on sm_80 and sm_90 with wgmma on sm_90.
-# Dropout tiles are smaller: Philox keeps ~6 words of state per score element in registers.
-CONFIGS = {
-    (32, False): AttentionConfig(fwd=(128, 64, 4, 3), dkdv=(64, 64, 4, 2), dq=(64, 64, 4, 2)),
-    (32, True): AttentionConfig(fwd=(128, 32, 8, 3), dkdv=(32, 64, 4, 2), dq=(64, 32, 4, 2)),
-    (64, False): AttentionConfig(fwd=(128, 64, 8, 3), dkdv=(32, 64, 4, 2), dq=(64, 64, 4, 2)),
-    (64, True): AttentionConfig(fwd=(128, 32, 8, 3), dkdv=(32, 64, 4, 2), dq=(64, 32, 4, 2)),
-}
-HEAD_DIMS = (24, 32, 64)
-
-
-def _pad_head_dim(head_dim: int) -> int:
-    return max(32, triton.next_power_of_2(head_dim))
-
-
-def config_for(head_dim: int, dropout: bool = False) -> AttentionConfig:
-    pad = _pad_head_dim(head_dim)
-    if (pad, dropout) not in CONFIGS:
-        raise ValueError(f"head dim {head_dim} unsupported by the Triton attention (max 64)")
-    return CONFIGS[pad, dropout]
-
-
-def block_maps(frame_ids: torch.Tensor, block_m: int, block_n: int):
-    """Tile lists from frame ids alone (host side, a few small torch ops on frame_ids' device).
-
-    Returns kv_count (M_blocks, 2), kv_idx (M_blocks, N_blocks), q_count (N_blocks, 2),
-    q_idx (N_blocks, M_blocks), all int32: for each query block its full then partial key blocks,
-    and for each key block its full then partial query blocks (see the module docstring).
-    """
-    f = frame_ids.to(torch.int64)
-    n = f.numel()
-    big = torch.iinfo(torch.int64).max
-
-    def block_min_max(block):
-        pad = (-n) % block
-        lo = torch.nn.functional.pad(f, (0, pad), value=big).view(-1, block).amin(1)  # (blocks,)
-        hi = torch.nn.functional.pad(f, (0, pad), value=-1).view(-1, block).amax(1)
-        ragged = torch.zeros_like(lo, dtype=torch.bool)
-        ragged[-1] = pad > 0
-        return lo, hi, ragged
-
-    q_lo, q_hi, q_ragged = block_min_max(block_m)
-    k_lo, k_hi, k_ragged = block_min_max(block_n)
-    visit = k_lo[None, :] <= q_hi[:, None]  # (M_blocks, N_blocks): some allowed entry
-    full = (k_hi[None, :] <= q_lo[:, None]) & ~q_ragged[:, None] & ~k_ragged[None, :]
-    rank = torch.where(full, 0, torch.where(visit, 1, 2))  # full first, then partial, then skipped
-
-    def lists(rank):
-        order = torch.argsort(rank, dim=1, stable=True).to(torch.int32)
-        count = torch.stack([(rank == 0).sum(1), (rank == 1).sum(1)], 1).to(torch.int32)
-        return count.contiguous(), order.contiguous()
-
-    kv_count, kv_idx = lists(rank)
-    q_count, q_idx = lists(rank.t())
-    return kv_count, kv_idx, q_count, q_idx
-
-
-# ----------------------------------------------------------------------------------------------
 # launchers
 # ----------------------------------------------------------------------------------------------
 def _dtypes(dtype: torch.dtype):
@@ -520,10 +447,11 @@ def _bhn_strides(x: torch.Tensor):
 
 
 def attention_fwd(q, k, v, frame_ids, cos=None, sin=None, seed=None, scale=None, dropout_p=0.0,
-                  config: AttentionConfig | None = None, out=None, lse=None):
+                  config: AttentionConfig | None = None, out=None, lse=None, tiles=None):
     """Forward launcher. q, k, v: (B, H, N, D); frame_ids: (N,); cos, sin: (N, D) fp32 or None;
     seed: (1,) int64 when dropout_p > 0. Returns out (B, H, N, D) and lse (B, H, N) fp32 (fp64 for
-    fp64 inputs). `out`/`lse` may be passed preallocated (tests poison them)."""
+    fp64 inputs). `out`/`lse` may be passed preallocated (tests poison them). tiles: the (kv_count,
+    kv_idx) lists at the config's forward tile sizes (`FrameLayout.tiles`), or None: built now."""
     _check_inputs(q, k, v, frame_ids, cos, sin)
     q, k, v = unit_last(q), unit_last(k), unit_last(v)
     b, h, n, d = q.shape
@@ -534,7 +462,7 @@ def attention_fwd(q, k, v, frame_ids, cos=None, sin=None, seed=None, scale=None,
     if has_dropout and seed is None:
         raise ValueError("dropout_p > 0 needs a seed")
     frame_ids = frame_ids.to(device=q.device, dtype=torch.int32).contiguous()
-    kv_count, kv_idx, _, _ = block_maps(frame_ids, block_m, block_n)
+    kv_count, kv_idx = tiles if tiles is not None else block_maps(frame_ids, block_m, block_n)[:2]
     out = torch.empty_like(q, memory_format=torch.contiguous_format) if out is None else out
     lse = torch.empty((b, h, n), device=q.device, dtype=acc_dtype) if lse is None else lse
     dummy = frame_ids  # any pointer: never read when the feature is off
@@ -570,8 +498,10 @@ def rope_fwd(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Ten
 
 
 def attention_bwd(do, q, k, v, out, lse, frame_ids, cos=None, sin=None, seed=None, scale=None, dropout_p=0.0,
-                  config: AttentionConfig | None = None, dq=None, dk=None, dv=None):
-    """Backward launcher: dq, dk, dv (B, H, N, D) from dO and the forward's out and lse."""
+                  config: AttentionConfig | None = None, dq=None, dk=None, dv=None, tiles=None):
+    """Backward launcher: dq, dk, dv (B, H, N, D) from dO and the forward's out and lse. tiles: the
+    (q_count, q_idx) lists at the dkdv tile sizes and the (kv_count, kv_idx) lists at the dq tile sizes,
+    or None: built now."""
     _check_inputs(q, k, v, frame_ids, cos, sin)
     q, k, v, do = unit_last(q), unit_last(k), unit_last(v), unit_last(do)
     b, h, n, d = q.shape
@@ -596,7 +526,7 @@ def attention_bwd(do, q, k, v, out, lse, frame_ids, cos=None, sin=None, seed=Non
     common = (*_bhn_strides(q), *_bhn_strides(k), *_bhn_strides(v), *_bhn_strides(do))
 
     block_m, block_n, num_warps, num_stages = cfg.dkdv
-    _, _, q_count, q_idx = block_maps(frame_ids, block_m, block_n)
+    q_count, q_idx = tiles[:2] if tiles is not None else block_maps(frame_ids, block_m, block_n)[2:]
     _attn_bwd_dkdv_kernel[(triton.cdiv(n, block_n), b * h)](
         q, k, v, do, cos, sin, frame_ids, q_count, q_idx, seed, lse, delta, dk, dv,
         *common, *_bhn_strides(dk), *_bhn_strides(dv),
@@ -604,7 +534,7 @@ def attention_bwd(do, q, k, v, out, lse, frame_ids, cos=None, sin=None, seed=Non
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages, **meta,
     )
     block_m, block_n, num_warps, num_stages = cfg.dq
-    kv_count, kv_idx, _, _ = block_maps(frame_ids, block_m, block_n)
+    kv_count, kv_idx = tiles[2:] if tiles is not None else block_maps(frame_ids, block_m, block_n)[:2]
     _attn_bwd_dq_kernel[(triton.cdiv(n, block_m), b * h)](
         q, k, v, do, cos, sin, frame_ids, kv_count, kv_idx, seed, lse, delta, dq,
         *common, *_bhn_strides(dq),
@@ -637,12 +567,15 @@ def _config_from(blocks: list[int], head_dim: int, dropout_p: float) -> Attentio
 @torch.library.custom_op("dinowm::block_causal_attention", mutates_args=())
 def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, frame_ids: torch.Tensor,
                   cos: torch.Tensor | None, sin: torch.Tensor | None, seed: torch.Tensor | None,
-                  scale: float, dropout_p: float, blocks: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    return attention_fwd(q, k, v, frame_ids, cos, sin, seed, scale, dropout_p, _config_from(blocks, q.shape[-1], dropout_p))
+                  tiles: list[torch.Tensor], scale: float, dropout_p: float,
+                  blocks: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """tiles: [] (built per call) or the six lists of `_tiles_for` (forward, dkdv, dq)."""
+    return attention_fwd(q, k, v, frame_ids, cos, sin, seed, scale, dropout_p,
+                         _config_from(blocks, q.shape[-1], dropout_p), tiles=tiles[:2] or None)
 
 
 @_attention_op.register_fake
-def _(q, k, v, frame_ids, cos, sin, seed, scale, dropout_p, blocks):
+def _(q, k, v, frame_ids, cos, sin, seed, tiles, scale, dropout_p, blocks):
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:3], dtype=acc)
 
@@ -650,47 +583,63 @@ def _(q, k, v, frame_ids, cos, sin, seed, scale, dropout_p, blocks):
 @torch.library.custom_op("dinowm::block_causal_attention_bwd", mutates_args=())
 def _attention_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                       lse: torch.Tensor, frame_ids: torch.Tensor, cos: torch.Tensor | None,
-                      sin: torch.Tensor | None, seed: torch.Tensor | None, scale: float, dropout_p: float,
-                      blocks: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      sin: torch.Tensor | None, seed: torch.Tensor | None, tiles: list[torch.Tensor], scale: float,
+                      dropout_p: float, blocks: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return attention_bwd(do, q, k, v, out, lse, frame_ids, cos, sin, seed, scale, dropout_p,
-                         _config_from(blocks, q.shape[-1], dropout_p))
+                         _config_from(blocks, q.shape[-1], dropout_p), tiles=tiles[2:] or None)
 
 
 @_attention_bwd_op.register_fake
-def _(do, q, k, v, out, lse, frame_ids, cos, sin, seed, scale, dropout_p, blocks):
+def _(do, q, k, v, out, lse, frame_ids, cos, sin, seed, tiles, scale, dropout_p, blocks):
     return tuple(torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, k, v))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, frame_ids, cos, sin, seed, scale, dropout_p, blocks = inputs
+    q, k, v, frame_ids, cos, sin, seed, tiles, scale, dropout_p, blocks = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, frame_ids, cos, sin, seed)
+    ctx.save_for_backward(q, k, v, out, lse, frame_ids, cos, sin, seed, *tiles)
     ctx.scale, ctx.dropout_p, ctx.blocks = scale, dropout_p, blocks
     ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, dout, dlse):
-    q, k, v, out, lse, frame_ids, cos, sin, seed = ctx.saved_tensors
+    q, k, v, out, lse, frame_ids, cos, sin, seed, *tiles = ctx.saved_tensors
+    no_tiles = [None] * len(tiles)  # the gradient structure must mirror the inputs' (a list)
     if dout is None:
-        return (None,) * 10
-    dq, dk, dv = _attention_bwd_op(dout, q, k, v, out, lse, frame_ids, cos, sin, seed, ctx.scale, ctx.dropout_p,
-                                   ctx.blocks)
-    return dq, dk, dv, None, None, None, None, None, None, None
+        return None, None, None, None, None, None, None, no_tiles, None, None, None
+    # the same seed tensor as the forward: the backward regenerates the forward's dropout mask
+    dq, dk, dv = _attention_bwd_op(dout, q, k, v, out, lse, frame_ids, cos, sin, seed, tiles, ctx.scale,
+                                   ctx.dropout_p, ctx.blocks)
+    return dq, dk, dv, None, None, None, None, no_tiles, None, None, None
 
 
 _attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def block_causal_attention_triton(q, k, v, frame_ids, rope=None, scale=None, dropout_p=0.0, config=None):
-    """RoPE + frame-block-causal attention. q, k, v: (B, H, N, D); frame_ids: (N,); rope: (cos, sin) (N, D)
-    fp32 or None -> (B, H, N, D). Dropout on the attention probabilities with probability dropout_p."""
+def _tiles_for(layout: FrameLayout, config: AttentionConfig) -> list[torch.Tensor]:
+    """The tile lists each kernel of `config` walks: forward (kv_count, kv_idx), dkdv (q_count, q_idx),
+    dq (kv_count, kv_idx); cached in the layout at the shipped tile sizes."""
+    return [*layout.tiles(*config.fwd[:2])[:2], *layout.tiles(*config.dkdv[:2])[2:],
+            *layout.tiles(*config.dq[:2])[:2]]
+
+
+def block_causal_attention_triton(q, k, v, frames, rope=None, scale=None, dropout_p=0.0, config=None, seed=None):
+    """RoPE + frame-block-causal attention. q, k, v: (B, H, N, D); frames: a `FrameLayout` or frame ids
+    (N,); rope: (cos, sin) (N, D) fp32 or None -> (B, H, N, D). Dropout on the attention probabilities
+    with probability dropout_p, drawn from `seed` ((1,) int64 on q's device, see kernels/dropout.py); without
+    one, a seed is drawn from torch's generator (eager callers: tests, benchmarks)."""
     cos, sin = rope if rope is not None else (None, None)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    seed = None
-    if dropout_p > 0.0:
+    if dropout_p > 0.0 and seed is None:
         seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=q.device)
-    blocks = [] if config is None else config.blocks()
-    out, _ = _attention_op(q, k, v, frame_ids.to(torch.int32), cos, sin, seed, scale, float(dropout_p), blocks)
+    if dropout_p <= 0.0:
+        seed = None
+    cfg = config or config_for(q.shape[-1], dropout_p > 0.0)
+    if isinstance(frames, FrameLayout):
+        frame_ids, tiles = frames.frame_ids, _tiles_for(frames, cfg)
+    else:  # frame ids: the op builds the tile lists per call (device ops, no host read)
+        frame_ids, tiles = frames.to(torch.int32), []
+    out, _ = _attention_op(q, k, v, frame_ids, cos, sin, seed, tiles, scale, float(dropout_p), cfg.blocks())
     return out
 
 

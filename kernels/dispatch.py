@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from . import flops  # noqa: F401  (registers the FLOP formulas of the CPU SDPA path `sdpa` runs)
 from . import reference
 from .common import interpreting
+from .frames import FrameLayout, as_layout
 
 log = logging.getLogger("kernels")
 
@@ -97,53 +98,56 @@ def _triton_blocker(module: str, device_type: str) -> str | None:
 # ----------------------------------------------------------------------------------------------
 # attention backends in plain PyTorch
 # ----------------------------------------------------------------------------------------------
+def _frame_ids(frames) -> torch.Tensor:
+    return frames.frame_ids if isinstance(frames, FrameLayout) else frames
+
+
 def _rotate(q, k, rope):
     if rope is None:
         return q, k
     return reference.apply_rope_ref(q, *rope), reference.apply_rope_ref(k, *rope)
 
 
-def sdpa_dense_attention(q, k, v, frame_ids, rope=None, scale=None, dropout_p=0.0):
+def sdpa_dense_attention(q, k, v, frames, rope=None, scale=None, dropout_p=0.0):
     """Baseline: SDPA with the dense (N, N) boolean frame mask (what the official code does)."""
     q, k = _rotate(q, k, rope)
-    mask = reference.block_causal_mask(frame_ids.to(q.device))
+    mask = reference.block_causal_mask(_frame_ids(frames).to(q.device))
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
 
 
-def frame_prefix_attention(q, k, v, frame_ids, rope=None, scale=None, dropout_p=0.0):
+def frame_prefix_attention(q, k, v, frames, rope=None, scale=None, dropout_p=0.0):
     """Per-frame prefix SDPA: frame f's queries against the keys of frames <= f, no mask.
 
-    q, k, v: (B, H, N, D); frame_ids: (N,). Frame ids not in non-decreasing order are sorted (stable)
-    and the output is put back in the input order. Reads the frame boundaries on the host. On CPU the
+    q, k, v: (B, H, N, D); frames: a `FrameLayout` (its Python frame sizes: no host read, traces under
+    torch.compile) or frame ids (N,) (read on the host now). Frame ids not in non-decreasing order are
+    sorted (stable) and the output is put back in the input order. Dropout: torch's own (the generator
+    torch.compile and CUDA graphs already handle: each call and each replay draws anew). On CPU the
     attention is computed in fp32 whatever the input dtype, also under autocast (which would otherwise
     recast the upcast inputs to bf16; the CPU bf16 SDPA backward is also ~2x slower than fp32), and
     returned in the input dtype.
     """
     if q.device.type == "cpu":
         with torch.autocast("cpu", enabled=False):
-            return _frame_prefix_attention(q, k, v, frame_ids, rope, scale, dropout_p)
-    return _frame_prefix_attention(q, k, v, frame_ids, rope, scale, dropout_p)
+            return _frame_prefix_attention(q, k, v, as_layout(frames), rope, scale, dropout_p)
+    return _frame_prefix_attention(q, k, v, as_layout(frames), rope, scale, dropout_p)
 
 
-def _frame_prefix_attention(q, k, v, frame_ids, rope, scale, dropout_p):
+def _frame_prefix_attention(q, k, v, layout: FrameLayout, rope, scale, dropout_p):
     dtype = q.dtype
     if q.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16):
         q, k, v = q.float(), k.float(), v.float()
     q, k = _rotate(q, k, rope)
-    fids = frame_ids.to(q.device)
-    order = None
-    if fids.numel() > 1 and bool((fids[1:] < fids[:-1]).any()):
-        order = torch.argsort(fids, stable=True)
-        q, k, v, fids = q[:, :, order], k[:, :, order], v[:, :, order], fids[order]
-    counts = torch.unique_consecutive(fids, return_counts=True)[1].tolist()
+    order = layout.sort_order
+    if order is not None:
+        q, k, v = q[:, :, order], k[:, :, order], v[:, :, order]
     outs, end = [], 0
-    for count in counts:
+    for count in layout.counts:
         start, end = end, end + count
         outs.append(F.scaled_dot_product_attention(q[:, :, start:end], k[:, :, :end], v[:, :, :end],
                                                    dropout_p=dropout_p, scale=scale))  # (B, H, count, D)
     out = torch.cat(outs, dim=2)  # (B, H, N, D), frame-sorted
     if order is not None:
-        out = out[:, :, torch.argsort(order)]
+        out = out[:, :, layout.sort_inverse]
     return out.to(dtype)
 
 
@@ -175,10 +179,10 @@ def _flex_block_mask(frame_ids: torch.Tensor, device: torch.device):
     return _FLEX_MASKS[key]
 
 
-def flex_block_causal_attention(q, k, v, frame_ids, rope=None, scale=None, dropout_p=0.0):
+def flex_block_causal_attention(q, k, v, frames, rope=None, scale=None, dropout_p=0.0):
     """FlexAttention (compiled) with a BlockMask from frame ids. No dropout; forward only on CPU."""
     q, k = _rotate(q, k, rope)
-    block_mask = _flex_block_mask(frame_ids, q.device)
+    block_mask = _flex_block_mask(_frame_ids(frames), q.device)
     return _compiled_flex()(q, k, v, block_mask=block_mask, scale=scale)
 
 
@@ -249,19 +253,25 @@ def attention_backend_for(backend: str, device_type: str, head_dim: int) -> str:
     return _attention_backend(backend, device_type, head_dim, 0.0, False)
 
 
-def block_causal_attention(q, k, v, frame_ids, rope=None, scale=None, dropout_p=0.0, backend="auto"):
-    """Frame-block-causal attention. q, k, v: (B, H, N, D); frame_ids: (N,) int32 -> (B, H, N, D)."""
+def block_causal_attention(q, k, v, frames, rope=None, scale=None, dropout_p=0.0, backend="auto", seed=None):
+    """Frame-block-causal attention. q, k, v: (B, H, N, D) -> (B, H, N, D).
+
+    frames: the `kernels.frames.FrameLayout` of the sequence (what models pass: built once per token
+    layout, so the call traces under torch.compile with fullgraph=True), or its frame ids (N,) int
+    (derived per call, with host reads: eager callers). seed: the (1,) int64 device tensor the Triton
+    kernel draws its dropout mask from (`kernels.dropout.DropoutSeed`); the other backends use torch's
+    generator."""
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     name = _attention_backend(backend, q.device.type, q.shape[-1], float(dropout_p), needs_grad)
     if name == "triton":
         from .attention import block_causal_attention_triton
 
-        return block_causal_attention_triton(q, k, v, frame_ids, rope, scale, dropout_p)
+        return block_causal_attention_triton(q, k, v, frames, rope, scale, dropout_p, seed=seed)
     if name == "sdpa":
-        return frame_prefix_attention(q, k, v, frame_ids, rope, scale, dropout_p)
+        return frame_prefix_attention(q, k, v, frames, rope, scale, dropout_p)
     if name == "flex":
-        return flex_block_causal_attention(q, k, v, frame_ids, rope, scale, dropout_p)
-    return reference.block_causal_attention_ref(q, k, v, frame_ids, rope, scale, dropout_p)
+        return flex_block_causal_attention(q, k, v, frames, rope, scale, dropout_p)
+    return reference.block_causal_attention_ref(q, k, v, _frame_ids(frames), rope, scale, dropout_p)
 
 
 # ----------------------------------------------------------------------------------------------

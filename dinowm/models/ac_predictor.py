@@ -25,8 +25,10 @@ Triton path). When attention resolves to the Triton kernel, the whole block stac
 conditioning-last permutation of the sequence (`kernels.cond_last_order`: patch tokens of every frame
 first, then the conditioning tokens), which leaves fewer partly masked tiles; every op but attention is
 per token and attention depends only on frame ids, so the permutation is exact, and dropping the
-conditioning tokens afterwards is a slice. Frame ids, RoPE tables and the permutation are built once per
-shape and cached. The "reference model" is this model with reference backends in fp32.
+conditioning tokens afterwards is a slice. Frame ids, RoPE tables, the permutation and the Triton tile
+lists are built once per shape: at construction for 1 .. num_frames frames (the training shapes; then
+the forward and backward trace under torch.compile(fullgraph=True) without host reads), on first use
+for others. The "reference model" is this model with reference backends in fp32.
 
 KV cache (`KVCache`): under the block-causal mask frame t's keys and values never depend on later
 frames, so a rollout may keep the rotated keys and values of past frames per layer and run only the new
@@ -36,7 +38,6 @@ Parameters at D_enc 1024, A = S = 2, d 384, depth 24, 16 heads: 43,378,048.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import torch
@@ -46,6 +47,7 @@ from torch.utils.checkpoint import checkpoint
 
 from kernels import block_causal_attention, cond_last_order, layernorm_linear
 from kernels.dispatch import attention_backend_for
+from kernels.frames import FrameLayout
 from kernels.reference import ac_token_positions, apply_rope_ref, rope_tables
 
 COND_TOKENS = 2  # action, state
@@ -53,15 +55,29 @@ INPUT_LN_EPS = 1e-5  # the parameter-free layer norm of the features (as the off
 INIT_STD = 0.02
 
 
-@dataclasses.dataclass(frozen=True)
-class TokenLayout:
-    """Per-shape constants of a forward, in the order the blocks run on."""
+class TokenLayout(FrameLayout):
+    """Per-shape constants of a forward, in the order the blocks run on: the frame layout (frame ids, and
+    the Triton tile lists when permuted), RoPE tables cos, sin (N, head_dim) fp32, `order` (N,) the
+    permutation of the interleaved sequence (None: interleaved), `tokens_per_frame`. Non-persistent
+    buffers: they follow .to(device) and are not in the state dict."""
 
-    order: torch.Tensor | None  # (N,) permutation of the interleaved sequence, or None (interleaved)
-    frame_ids: torch.Tensor  # (N,) int32
-    cos: torch.Tensor  # (N, head_dim) fp32
-    sin: torch.Tensor  # (N, head_dim) fp32
-    tokens_per_frame: int
+    def __init__(self, frame_ids: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, order: torch.Tensor | None,
+                 tokens_per_frame: int, head_dim: int):
+        super().__init__(frame_ids, head_dim if order is not None else None)  # tiles: only Triton permutes
+        # the tables stay fp32 when the model is cast (model.to(torch.bfloat16) casts floating buffers):
+        # kept as their int32 bit patterns, viewed back as fp32 (free) when read
+        self.register_buffer("cos_bits", cos.float().contiguous().view(torch.int32), persistent=False)
+        self.register_buffer("sin_bits", sin.float().contiguous().view(torch.int32), persistent=False)
+        self.register_buffer("order", order, persistent=False)
+        self.tokens_per_frame = tokens_per_frame
+
+    @property
+    def cos(self) -> torch.Tensor:
+        return self.cos_bits.view(torch.float32)
+
+    @property
+    def sin(self) -> torch.Tensor:
+        return self.sin_bits.view(torch.float32)
 
 
 class KVCache:
@@ -115,7 +131,7 @@ class ACBlock(nn.Module):
                                self.norm1.eps, backend=self.ln_backend)  # (B, N, 3d)
         q, k, v = qkv.view(b, n, 3, self.attn.heads, -1).permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, N, Dh)
         if cache is None:
-            out = block_causal_attention(q, k, v, layout.frame_ids, rope=(layout.cos, layout.sin),
+            out = block_causal_attention(q, k, v, layout, rope=(layout.cos, layout.sin),
                                          backend=self.attention_backend)  # (B, H, N, Dh)
         else:
             out = _cached_attention(q, k, v, layout, cache, layer)
@@ -149,7 +165,7 @@ class ACPredictor(nn.Module):
 
     def __init__(self, visual_dim: int, action_dim: int, state_dim: int, grid: tuple[int, int],
                  dim: int = 384, depth: int = 24, heads: int = 16, mlp_ratio: float = 4.0, rope_legacy: bool = False,
-                 attention_backend: str = "auto", layernorm_linear_backend: str = "auto"):
+                 attention_backend: str = "auto", layernorm_linear_backend: str = "auto", num_frames: int = 0):
         super().__init__()
         if dim % heads != 0:
             raise ValueError(f"ACPredictor: width {dim} is not a multiple of heads {heads}")
@@ -171,7 +187,11 @@ class ACPredictor(nn.Module):
         self.predictor_norm = nn.LayerNorm(dim, eps=1e-6)
         self.predictor_proj = nn.Linear(dim, visual_dim)
         self._init_weights(INIT_STD)
-        self._layouts: dict = {}
+        # the layouts of 1 .. num_frames frames from frame 0 (training: teacher forcing and rollout), both
+        # token orders, built once here; other shapes (rollouts with a KV cache) are built on first use
+        self.layouts = nn.ModuleDict({f"{f}{'p' if permuted else ''}": self._build_layout(0, f, permuted)
+                                      for f in range(1, num_frames + 1) for permuted in (False, True)})
+        self._extra_layouts: dict = {}
 
     def _init_weights(self, std: float) -> None:
         for m in self.modules():
@@ -186,24 +206,29 @@ class ACPredictor(nn.Module):
                 block.attn.proj.weight.div_(math.sqrt(2.0 * layer))
                 block.mlp.fc2.weight.div_(math.sqrt(2.0 * layer))
 
+    def _build_layout(self, first_frame: int, num_frames: int, permuted: bool) -> TokenLayout:
+        per_frame = COND_TOKENS + self.num_patches
+        positions, frame_ids = ac_token_positions(first_frame + num_frames, *self.grid, COND_TOKENS)
+        positions, frame_ids = positions[first_frame * per_frame:], frame_ids[first_frame * per_frame:]
+        cos, sin = rope_tables(positions, self.head_dim, legacy=self.rope_legacy)  # (N, Dh) fp32
+        order = None
+        if permuted:
+            order = cond_last_order(num_frames, per_frame, COND_TOKENS)
+            frame_ids, cos, sin = frame_ids[order], cos[order], sin[order]
+        return TokenLayout(frame_ids, cos, sin, order, per_frame, self.head_dim)
+
     def layout(self, first_frame: int, num_frames: int, device: torch.device, permuted: bool) -> TokenLayout:
-        """Frame ids, RoPE tables (and the cond-last permutation) of frames first_frame .. + num_frames - 1."""
+        """Frame ids, RoPE tables (and the cond-last permutation) of frames first_frame .. + num_frames - 1:
+        one of the layouts built at construction, else built now and kept (per device)."""
+        name = f"{num_frames}{'p' if permuted else ''}"
+        if first_frame == 0 and name in self.layouts:
+            return self.layouts[name]
         key = (first_frame, num_frames, str(device), permuted)
-        if key not in self._layouts:
-            per_frame = COND_TOKENS + self.num_patches
-            positions, frame_ids = ac_token_positions(first_frame + num_frames, *self.grid, COND_TOKENS)
-            positions, frame_ids = positions[first_frame * per_frame:], frame_ids[first_frame * per_frame:]
-            cos, sin = rope_tables(positions, self.head_dim, legacy=self.rope_legacy)  # (N, Dh) fp32
-            order = None
-            if permuted:
-                order = cond_last_order(num_frames, per_frame, COND_TOKENS)
-                frame_ids, cos, sin = frame_ids[order], cos[order], sin[order]
-                order = order.to(device)
-            if len(self._layouts) > 64:  # rollouts of many lengths: keep the cache bounded
-                self._layouts.clear()
-            self._layouts[key] = TokenLayout(order, frame_ids.to(device=device, dtype=torch.int32),
-                                             cos.contiguous().to(device), sin.contiguous().to(device), per_frame)
-        return self._layouts[key]
+        if key not in self._extra_layouts:
+            if len(self._extra_layouts) > 64:  # rollouts of many lengths: keep the cache bounded
+                self._extra_layouts.clear()
+            self._extra_layouts[key] = self._build_layout(first_frame, num_frames, permuted).to(device)
+        return self._extra_layouts[key]
 
     def _check(self, x: torch.Tensor, actions: torch.Tensor, states: torch.Tensor) -> None:
         b, t, p, d = x.shape

@@ -156,6 +156,6 @@ def build_ac_world_model(model_cfg, data_cfg, action_dim: int) -> ACWorldModel:
         state_dim=data_cfg.proprio_end - data_cfg.proprio_start, grid=(grid, grid), dim=model_cfg.ac_dim,
         depth=model_cfg.ac_depth, heads=model_cfg.ac_heads, mlp_ratio=model_cfg.ac_mlp_ratio,
         rope_legacy=model_cfg.rope_legacy, attention_backend=model_cfg.attention_backend,
-        layernorm_linear_backend=model_cfg.layernorm_linear_backend)
+        layernorm_linear_backend=model_cfg.layernorm_linear_backend, num_frames=data_cfg.num_hist)
     decoder = VQVAEDecoder(emb_dim=encoder.emb_dim) if model_cfg.ac_decoder else None
     return ACWorldModel(encoder, predictor, decoder, auto_steps=model_cfg.auto_steps)

@@ -20,7 +20,12 @@ DINOv2 features) and `zero_init_residual` (the last Linear of every attention / 
 zero, so every block starts as the identity and the output is LayerNorm(input + position embedding)).
 
 Kernels: LN -> Linear pairs go through `kernels.layernorm_linear`, attention through
-`kernels.block_causal_attention` (attention-probability dropout inside). Backends are options; the
+`kernels.block_causal_attention` (attention-probability dropout inside). The frame layouts (frame ids,
+per-frame token counts, Triton tile lists) of 1 .. num_frames frames are built at construction, so the
+forward and backward trace under torch.compile(fullgraph=True) without host reads. The Triton
+attention's dropout seed is device state (`dropout_seed`, kernels/dropout.py) that every training-mode
+forward advances in place by itself: a captured CUDA graph draws new masks each replay, and the trainer
+has nothing to advance (it saves and restores the state with the RNG states for exact resume). Backends are options; the
 fp32 "reference model" of parity tests is this model with backend "reference".
 
 State-dict keys are exactly those of the original (docs/contract.md §10): `pos_embedding`,
@@ -35,6 +40,8 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from kernels import block_causal_attention, frame_ids_for, layernorm_linear
+from kernels.dropout import DropoutSeed
+from kernels.frames import FrameLayout
 
 
 class Attention(nn.Module):
@@ -50,14 +57,14 @@ class Attention(nn.Module):
         self.to_qkv = nn.Linear(dim, 3 * inner, bias=False)
         self.to_out = nn.Sequential(nn.Linear(inner, dim), nn.Dropout(dropout))
 
-    def forward(self, x: torch.Tensor, frame_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, layout: FrameLayout, seed: torch.Tensor | None = None) -> torch.Tensor:
         b, n, _ = x.shape
         qkv = layernorm_linear(x, self.norm.weight, self.norm.bias, self.to_qkv.weight, None,
                                self.norm.eps, backend=self.ln_backend)  # (B, N, 3 * H * Dh)
         q, k, v = qkv.reshape(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, N, Dh)
-        out = block_causal_attention(q, k, v, frame_ids, scale=self.scale,
+        out = block_causal_attention(q, k, v, layout, scale=self.scale,
                                      dropout_p=self.dropout if self.training else 0.0,
-                                     backend=self.backend)  # (B, H, N, Dh)
+                                     backend=self.backend, seed=seed)  # (B, H, N, Dh)
         out = out.transpose(1, 2).reshape(b, n, -1)  # (B, N, H * Dh)
         return self.to_out(out)
 
@@ -89,18 +96,22 @@ class Transformer(nn.Module):
 
     activation_checkpointing = False  # training.activation_checkpointing (set by dinowm.perf.configure)
 
-    def forward(self, x: torch.Tensor, frame_ids: torch.Tensor) -> torch.Tensor:
-        for attn, ff in self.layers:
+    def forward(self, x: torch.Tensor, layout: FrameLayout, seed: torch.Tensor | None = None) -> torch.Tensor:
+        """seed: the first layer's dropout seed (layer i uses seed + i), or None (no attention dropout)."""
+        for i, (attn, ff) in enumerate(self.layers):
+            layer_seed = None if seed is None else seed + i
             if self.activation_checkpointing and torch.is_grad_enabled():
-                # recomputed in the backward pass with the same RNG state: the same dropout masks
-                x = checkpoint(_block, attn, ff, x, frame_ids, use_reentrant=False)
+                # recomputed in the backward pass with the same RNG state and the same seed tensor: the
+                # same dropout masks
+                x = checkpoint(_block, attn, ff, x, layout, layer_seed, use_reentrant=False)
             else:
-                x = _block(attn, ff, x, frame_ids)
+                x = _block(attn, ff, x, layout, layer_seed)
         return self.norm(x)
 
 
-def _block(attn: Attention, ff: FeedForward, x: torch.Tensor, frame_ids: torch.Tensor) -> torch.Tensor:
-    x = x + attn(x, frame_ids)
+def _block(attn: Attention, ff: FeedForward, x: torch.Tensor, layout: FrameLayout,
+           seed: torch.Tensor | None) -> torch.Tensor:
+    x = x + attn(x, layout, seed)
     return x + ff(x)
 
 
@@ -119,6 +130,13 @@ class ViTPredictor(nn.Module):
         self.dropout = nn.Dropout(emb_dropout)
         self.transformer = Transformer(dim, depth, heads, dim_head, mlp_dim, dropout,
                                        attention_backend, layernorm_linear_backend)
+        # the frame structure of every sequence length the predictor accepts (1 .. num_frames frames),
+        # built once here (non-persistent buffers: they follow .to(), are not in the state dict)
+        self.layouts = nn.ModuleDict({str(f): FrameLayout(frame_ids_for(f, num_patches), dim_head)
+                                      for f in range(1, num_frames + 1)})
+        self.depth = depth
+        self.attention_dropout = dropout
+        self.dropout_seed = DropoutSeed()  # the Triton attention's masks (kernels/dropout.py)
         if zero_init_residual:
             for attn, ff in self.transformer.layers:
                 nn.init.zeros_(attn.to_out[0].weight)
@@ -129,6 +147,9 @@ class ViTPredictor(nn.Module):
         if n % self.num_patches != 0 or n > self.pos_embedding.shape[1] or d != self.dim:
             raise ValueError(f"ViTPredictor: input (B, N, D) = {tuple(x.shape)} must have D = {self.dim} and "
                              f"N a multiple of num_patches {self.num_patches}, at most {self.num_frames} frames")
-        frame_ids = frame_ids_for(n // self.num_patches, self.num_patches, device=x.device)  # (N,)
+        layout = self.layouts[str(n // self.num_patches)]
+        seed = None
+        if self.training and self.attention_dropout > 0.0:  # one value per call, advanced in place
+            seed = self.dropout_seed.next(self.depth)
         x = self.dropout(x + self.pos_embedding[:, :n])
-        return self.transformer(x, frame_ids)
+        return self.transformer(x, layout, seed)

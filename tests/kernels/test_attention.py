@@ -169,7 +169,7 @@ def test_triton_gradcheck_fp64_dropout():
     blocks = TINY.blocks()
 
     def fn(q_, k_, v_):
-        return attention._attention_op(q_, k_, v_, frame_ids, *tables, seed, 0.3, 0.25, blocks)[0]
+        return attention._attention_op(q_, k_, v_, frame_ids, *tables, seed, [], 0.3, 0.25, blocks)[0]
 
     assert torch.autograd.gradcheck(fn, (q, k, v), fast_mode=True)
 

@@ -47,7 +47,7 @@ def test_exact_resume_with_dataloader_workers(dataset, tmp_path):
 
 
 def test_exact_resume_with_triton_dropout(dataset, tmp_path):
-    """The Triton attention kernel draws its dropout seed from torch's generator, restored on resume."""
+    """The Triton attention draws its dropout masks from the model's DropoutSeed, saved with the RNG states."""
     assert_resume_is_exact(dataset, tmp_path, 3, 1, "--model.attention_backend", "triton",
                            "--model.predictor_dropout", "0.1", "--training.feature_cache", "true")
 
