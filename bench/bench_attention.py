@@ -26,6 +26,7 @@ import pytest
 import torch
 
 from kernels import dispatch, reference
+from kernels.frames import CHECKED_DTYPES
 
 SHAPES = {
     # name: (frames, tokens/frame, cond tokens, heads, head dim, rope, batch on CUDA, batch on CPU)
@@ -89,6 +90,8 @@ def _unsupported(provider, mode, device, dtype=None):
             return "flash-attn supports fp16/bf16 only"
     if provider == "triton" and device.type != "cuda":
         return "triton is timed on CUDA only (the interpreter is not a benchmark)"
+    if provider == "triton" and dtype is not None and dtype not in CHECKED_DTYPES:
+        return "no compile-checked fp32 Triton configuration (fp32 attention on CUDA runs SDPA)"
     if provider == "flex" and mode == "fwd_bwd" and device.type == "cpu":
         return "FlexAttention on CPU is forward only in torch 2.13"
     return None

@@ -54,8 +54,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import dot_dtype, tl_dtypes, unit_last
-from .frames import (CONFIGS, HEAD_DIMS, AttentionConfig, FrameLayout, block_maps,  # noqa: F401
+from .common import dot_dtype, interpreting, tl_dtypes, unit_last
+from .frames import (CHECKED_DTYPES, CONFIGS, HEAD_DIMS, AttentionConfig, FrameLayout, block_maps,  # noqa: F401
                      config_for, pad_head_dim as _pad_head_dim)
 from .flops import block_causal_attention_bwd_flops, block_causal_attention_flops, register_flops
 
@@ -430,6 +430,9 @@ def _check_inputs(q, k, v, frame_ids, cos, sin):
         raise ValueError(f"q, k, v must all be (B, H, N, D); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.dtype not in CHECKED_DTYPES and not interpreting():
+        raise TypeError(f"attention: {q.dtype} inputs on {q.device.type}: the Triton configurations are compile-checked "
+                        f"for fp16/bf16 only (python -m kernels.compile_check); use the sdpa backend (what auto picks)")
     n, d = q.shape[2], q.shape[3]
     if frame_ids.shape != (n,):
         raise ValueError(f"frame_ids must be ({n},), got {tuple(frame_ids.shape)}")

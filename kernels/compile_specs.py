@@ -98,7 +98,8 @@ def attention_specs() -> list[dict]:
 
     specs = []
     for head_dim in A.HEAD_DIMS:
-        for dtype in ("fp16", "bf16"):
+        for torch_dtype in A.CHECKED_DTYPES:
+            dtype = {torch.float16: "fp16", torch.bfloat16: "bf16"}[torch_dtype]
             ptr = f"*{dtype}"
             for has_rope in (False, True):
                 for has_dropout in (False, True):
@@ -113,7 +114,7 @@ def attention_specs() -> list[dict]:
                     ):
                         constexprs = dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=A._pad_head_dim(head_dim), BLOCK_M=bm,
                                           BLOCK_N=bn, HAS_ROPE=has_rope, HAS_DROPOUT=has_dropout,
-                                          DOT=tl_dtypes()[{"fp16": torch.float16, "bf16": torch.bfloat16}[dtype]],
+                                          DOT=tl_dtypes()[torch_dtype],
                                           ACC=tl.float32, PRECISION="tf32")
                         signature = {}
                         for arg in fn.arg_names:

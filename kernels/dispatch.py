@@ -21,7 +21,10 @@ Attention backends (q, k, v: (B, H, N, D); frame_ids: (N,); rope: (cos, sin) (N,
     flash      flash-attn, xformers: imported lazily; neither can express the frame-block-causal
     xformers   mask (other than as a dense bias, which is the slow path), so both are refused.
     reference  kernels.reference.block_causal_attention_ref (explicit scores, fp32 softmax).
-    auto       triton on CUDA when triton is installed, else sdpa.
+    auto       triton on CUDA for fp16/bf16 inputs when triton is installed, else sdpa: fp32 (and fp64)
+               attention on CUDA goes to SDPA, because the Triton configurations are compile-checked
+               (`python -m kernels.compile_check`, sm_80/sm_90) for fp16/bf16 only, and an unchecked
+               kernel variant is never run (an explicit `triton` is refused for fp32 CUDA inputs).
 
 Other ops: `triton` (kernels.ln_linear / kernels.embedding, imported lazily; CUDA or the
 interpreter), `reference`, `auto` (triton on CUDA when importable, else reference).
@@ -43,7 +46,7 @@ import torch.nn.functional as F
 from . import flops  # noqa: F401  (registers the FLOP formulas of the CPU SDPA path `sdpa` runs)
 from . import reference
 from .common import interpreting
-from .frames import FrameLayout, as_layout
+from .frames import CHECKED_DTYPES, FrameLayout, as_layout
 
 log = logging.getLogger("kernels")
 
@@ -190,12 +193,16 @@ def flex_block_causal_attention(q, k, v, frames, rope=None, scale=None, dropout_
 # attention: choice
 # ----------------------------------------------------------------------------------------------
 def _attention_blocker(backend: str, device_type: str, head_dim: int, dropout_p: float,
-                       needs_grad: bool) -> str | None:
-    """Why `backend` cannot run this call, or None."""
+                       needs_grad: bool, dtype: str = "bfloat16") -> str | None:
+    """Why `backend` cannot run this call, or None. dtype: the inputs' torch dtype name."""
     if backend == "triton":
         blocker = _triton_blocker("kernels.attention", device_type)
         if blocker is None and head_dim > 64:
             blocker = f"head dim {head_dim} > 64 is not supported by the Triton kernel"
+        if blocker is None and device_type == "cuda" and dtype not in _CHECKED_DTYPE_NAMES:
+            blocker = (f"{dtype} inputs: the Triton configurations are compile-checked for sm_80/sm_90 in "
+                       f"{'/'.join(_CHECKED_DTYPE_NAMES)} only (python -m kernels.compile_check), "
+                       f"and an unchecked variant is never run")
         return blocker
     if backend == "flex":
         if dropout_p > 0.0:
@@ -215,22 +222,32 @@ def _attention_blocker(backend: str, device_type: str, head_dim: int, dropout_p:
 
 def resolve_attention(backend: str, q: torch.Tensor, dropout_p: float = 0.0, needs_grad: bool = False) -> Choice:
     """The backend `block_causal_attention` runs for these inputs, and why (logged once)."""
-    return _resolve_attention(backend, q.device.type, q.shape[-1], dropout_p, needs_grad)
+    return _resolve_attention(backend, q.device.type, q.shape[-1], dropout_p, needs_grad, _dtype_name(q.dtype))
 
 
-def _resolve_attention(backend: str, device_type: str, head_dim: int, dropout_p: float, needs_grad: bool) -> Choice:
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+_CHECKED_DTYPE_NAMES = tuple(_dtype_name(d) for d in CHECKED_DTYPES)
+
+
+def _resolve_attention(backend: str, device_type: str, head_dim: int, dropout_p: float, needs_grad: bool,
+                       dtype: str = "bfloat16") -> Choice:
+    """The pure decision (device type and dtype as strings, so it is unit-tested without a GPU)."""
     if backend not in ATTENTION_BACKENDS:
         raise ValueError(f"attention backend {backend!r} unknown; choose one of {ATTENTION_BACKENDS}")
     if backend != "auto":
-        blocker = _attention_blocker(backend, device_type, head_dim, dropout_p, needs_grad)
+        blocker = _attention_blocker(backend, device_type, head_dim, dropout_p, needs_grad, dtype)
         if blocker:
             raise BackendUnavailable(f"block_causal_attention: backend {backend!r} refused: {blocker}")
         return _log_once(Choice("block_causal_attention", backend, backend, "requested explicitly"))
     if device_type == "cuda":
-        blocker = _attention_blocker("triton", device_type, head_dim, dropout_p, needs_grad)
+        blocker = _attention_blocker("triton", device_type, head_dim, dropout_p, needs_grad, dtype)
         if blocker is None:
             return _log_once(Choice("block_causal_attention", "auto", "triton",
-                                    "CUDA tensors and triton installed: fused RoPE, masked tiles skipped"))
+                                    f"CUDA {dtype} tensors and triton installed: a compile-checked configuration, "
+                                    f"fused RoPE, masked tiles skipped"))
         return _log_once(Choice("block_causal_attention", "auto", "sdpa", f"triton unavailable: {blocker}"))
     return _log_once(Choice("block_causal_attention", "auto", "sdpa",
                             f"{device_type} tensors: per-frame prefix SDPA is the fastest measured CPU path"))
@@ -239,8 +256,9 @@ def _resolve_attention(backend: str, device_type: str, head_dim: int, dropout_p:
 # torch.compile runs these at trace time and sees only the resulting backend name, so a model that
 # calls the public ops traces with fullgraph=True (resolution imports modules and logs).
 @torch.compiler.assume_constant_result
-def _attention_backend(backend: str, device_type: str, head_dim: int, dropout_p: float, needs_grad: bool) -> str:
-    return _resolve_attention(backend, device_type, head_dim, dropout_p, needs_grad).backend
+def _attention_backend(backend: str, device_type: str, head_dim: int, dropout_p: float, needs_grad: bool,
+                       dtype: str) -> str:
+    return _resolve_attention(backend, device_type, head_dim, dropout_p, needs_grad, dtype).backend
 
 
 @torch.compiler.assume_constant_result
@@ -248,9 +266,17 @@ def _simple_backend(op: str, module: str, backend: str, device_type: str) -> str
     return _resolve_simple(op, module, backend, device_type).backend
 
 
-def attention_backend_for(backend: str, device_type: str, head_dim: int) -> str:
-    """The backend name `block_causal_attention` resolves to without dropout (models pick a token layout by it)."""
-    return _attention_backend(backend, device_type, head_dim, 0.0, False)
+def attention_backend_for(backend: str, device_type: str, head_dim: int, dtype: torch.dtype) -> str:
+    """The backend name `block_causal_attention` resolves to without dropout for inputs of `dtype` (models
+    pick a token layout by it; see `attention_dtype`)."""
+    return _attention_backend(backend, device_type, head_dim, 0.0, False, _dtype_name(dtype))
+
+
+def attention_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype q, k, v computed from x will have: autocast's when it is on for x's device, else x's."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
 
 
 def block_causal_attention(q, k, v, frames, rope=None, scale=None, dropout_p=0.0, backend="auto", seed=None):
@@ -262,7 +288,7 @@ def block_causal_attention(q, k, v, frames, rope=None, scale=None, dropout_p=0.0
     kernel draws its dropout mask from (`kernels.dropout.DropoutSeed`); the other backends use torch's
     generator."""
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    name = _attention_backend(backend, q.device.type, q.shape[-1], float(dropout_p), needs_grad)
+    name = _attention_backend(backend, q.device.type, q.shape[-1], float(dropout_p), needs_grad, _dtype_name(q.dtype))
     if name == "triton":
         from .attention import block_causal_attention_triton
 

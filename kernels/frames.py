@@ -46,6 +46,9 @@ CONFIGS = {
     (64, True): AttentionConfig(fwd=(128, 32, 8, 3), dkdv=(32, 64, 4, 2), dq=(64, 32, 4, 2)),
 }
 HEAD_DIMS = (24, 32, 64)
+# The input dtypes `python -m kernels.compile_check` compiles the configs for (kernels/compile_specs.py).
+# fp32/fp64 inputs run under the interpreter (tests) but on CUDA go to SDPA: no fp32 variant is checked.
+CHECKED_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def pad_head_dim(head_dim: int) -> int:

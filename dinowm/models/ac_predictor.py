@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from kernels import block_causal_attention, cond_last_order, layernorm_linear
-from kernels.dispatch import attention_backend_for
+from kernels.dispatch import attention_backend_for, attention_dtype
 from kernels.frames import FrameLayout
 from kernels.reference import ac_token_positions, apply_rope_ref, rope_tables
 
@@ -256,8 +256,8 @@ class ACPredictor(nn.Module):
         state_tok = self.state_encoder(states)[:, :, None].to(tokens.dtype)  # (B, T, 1, d)
         seq = torch.cat([action_tok, state_tok, tokens], dim=2).flatten(1, 2)  # (B, T * N_T, d), interleaved
         first = cache.frames if cache is not None else 0
-        permuted = cache is None and attention_backend_for(self.attention_backend, x.device.type,
-                                                           self.head_dim) == "triton"
+        permuted = cache is None and attention_backend_for(self.attention_backend, x.device.type, self.head_dim,
+                                                           attention_dtype(tokens)) == "triton"
         layout = self.layout(first, t, x.device, permuted)
         if layout.order is not None:
             seq = seq[:, layout.order]  # cond-last: patches of every frame, then the conditioning tokens

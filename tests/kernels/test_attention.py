@@ -297,7 +297,8 @@ def test_compile_specs_are_complete():
     names = {spec["name"] for spec in specs}
     assert names == {"attn_fwd", "attn_bwd_dkdv", "attn_bwd_dq", "rope"}
     configs = {spec["config"] for spec in specs if spec["name"] == "attn_fwd"}
-    assert len(configs) == len(attention.HEAD_DIMS) * 2 * 2 * 2  # head dims x dtypes x rope x dropout
+    # head dims x dtypes x rope x dropout
+    assert len(configs) == len(attention.HEAD_DIMS) * len(attention.CHECKED_DTYPES) * 2 * 2
     for spec in specs:
         assert set(spec["signature"]) == set(spec["fn"].arg_names), spec["name"]
         constexprs = {arg for arg, kind in spec["signature"].items() if kind == "constexpr"}

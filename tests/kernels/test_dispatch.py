@@ -26,7 +26,7 @@ def test_auto_on_cpu_picks_frame_prefix_sdpa():
 
 
 def test_auto_on_cuda(monkeypatch):
-    q = types.SimpleNamespace(device=torch.device("cuda"), shape=(1, 1, 4, 24))  # no CUDA here: a stand-in
+    q = types.SimpleNamespace(device=torch.device("cuda"), shape=(1, 1, 4, 24), dtype=torch.bfloat16)  # a stand-in
     monkeypatch.setattr(dispatch, "_attention_blocker", lambda *a: None)
     assert dispatch.resolve_attention("auto", q).backend == "triton"
     monkeypatch.setattr(dispatch, "_attention_blocker", lambda *a: "triton not importable (test)")
@@ -146,3 +146,48 @@ def test_cpu_sdpa_computes_in_fp32_under_bf16_autocast(dtype):
     assert out.dtype == dtype
     ref = reference.block_causal_attention_ref(q.double(), k.double(), v.double(), frame_ids)
     torch.testing.assert_close(out.double(), ref.to(dtype).double(), rtol=2**-7, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# fp32 on CUDA: a compile-checked Triton configuration or SDPA, never an unchecked variant
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_auto_sends_fp32_cuda_attention_to_sdpa_and_says_why(dtype):
+    choice = dispatch._resolve_attention("auto", "cuda", 64, 0.1, True, dtype)  # the pure decision: no GPU needed
+    assert choice.backend == "sdpa"
+    assert f"{dtype} inputs" in choice.reason and "kernels.compile_check" in choice.reason
+    with pytest.raises(dispatch.BackendUnavailable, match="compile-checked"):
+        dispatch._resolve_attention("triton", "cuda", 64, 0.0, False, dtype)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_auto_keeps_triton_for_the_checked_cuda_dtypes(dtype):
+    pytest.importorskip("triton")
+    choice = dispatch._resolve_attention("auto", "cuda", 24, 0.1, True, dtype)
+    assert choice.backend == "triton" and "compile-checked" in choice.reason
+
+
+def test_checked_dtypes_are_what_compile_check_compiles():
+    pytest.importorskip("triton")
+    from kernels import attention, compile_specs
+
+    signatures = {spec["signature"]["Q"] for spec in compile_specs.attention_specs() if spec["name"] == "attn_fwd"}
+    names = {torch.float16: "*fp16", torch.bfloat16: "*bf16"}
+    assert signatures == {names[d] for d in attention.CHECKED_DTYPES}
+
+
+def test_the_launcher_refuses_fp32_outside_the_interpreter(monkeypatch):
+    pytest.importorskip("triton")
+    from kernels import attention
+
+    q, k, v, frame_ids = small_inputs()
+    monkeypatch.setattr(attention, "interpreting", lambda: False)
+    with pytest.raises(TypeError, match="compile-checked for fp16/bf16 only"):
+        attention.attention_fwd(q, k, v, frame_ids)
+
+
+def test_model_token_layout_follows_the_attention_dtype():
+    x = torch.randn(2, 3)
+    assert dispatch.attention_dtype(x) == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert dispatch.attention_dtype(x) == torch.bfloat16
