@@ -193,7 +193,7 @@ def flex_block_causal_attention(q, k, v, frames, rope=None, scale=None, dropout_
 # attention: choice
 # ----------------------------------------------------------------------------------------------
 def _attention_blocker(backend: str, device_type: str, head_dim: int, dropout_p: float,
-                       needs_grad: bool, dtype: str = "bfloat16") -> str | None:
+                       needs_grad: bool, dtype: str) -> str | None:
     """Why `backend` cannot run this call, or None. dtype: the inputs' torch dtype name."""
     if backend == "triton":
         blocker = _triton_blocker("kernels.attention", device_type)
@@ -233,7 +233,7 @@ _CHECKED_DTYPE_NAMES = tuple(_dtype_name(d) for d in CHECKED_DTYPES)
 
 
 def _resolve_attention(backend: str, device_type: str, head_dim: int, dropout_p: float, needs_grad: bool,
-                       dtype: str = "bfloat16") -> Choice:
+                       dtype: str) -> Choice:
     """The pure decision (device type and dtype as strings, so it is unit-tested without a GPU)."""
     if backend not in ATTENTION_BACKENDS:
         raise ValueError(f"attention backend {backend!r} unknown; choose one of {ATTENTION_BACKENDS}")
