@@ -49,7 +49,7 @@ def build_optimizers(model, cfg) -> dict[str, torch.optim.Optimizer]:
     far faster than foreach, whose CPU ops loop over tensors (bench/bench_optimizer.py). On CUDA also
     capturable (step() may be captured into a CUDA graph: training.cuda_graphs)."""
     groups = model.parameter_groups()
-    kernel = {"fused": True, "capturable": next(iter(groups["predictor"])).is_cuda}
+    kernel = {"fused": True, "capturable": next(model.parameters()).is_cuda}  # groups may be param-group dicts (AC)
     optimizers = {"predictor": torch.optim.AdamW(groups["predictor"], lr=cfg.predictor_lr,
                                                  weight_decay=cfg.predictor_weight_decay, **kernel)}
     if "embeddings" in groups:

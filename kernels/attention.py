@@ -20,7 +20,8 @@ Backward (P recomputed from q, k and LSE; Delta = rowsum(dO * O) = rowsum(P * dP
                                                              per element so both RoPE conventions work)
 
 Tiling. The sequence is cut into query blocks of BLOCK_M rows and key blocks of BLOCK_N columns. From
-frame_ids alone (`kernels.frames.block_maps`, cached per token layout in a `FrameLayout`), every (query block, key block) pair is classified with the min/max
+frame_ids alone (`kernels.frames.block_maps`, cached per token layout in a `FrameLayout`), every
+(query block, key block) pair is classified with the min/max
 frame of each block: skipped (min f(key) > max f(query): no allowed entry), full (max f(key) <= min
 f(query), and no padded row or column: no mask at all), or partial (everything else: the frame mask
 is applied). Each query block gets the list of its full key blocks followed by its partial ones
@@ -431,8 +432,9 @@ def _check_inputs(q, k, v, frame_ids, cos, sin):
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
     if q.dtype not in CHECKED_DTYPES and not interpreting():
-        raise TypeError(f"attention: {q.dtype} inputs on {q.device.type}: the Triton configurations are compile-checked "
-                        f"for fp16/bf16 only (python -m kernels.compile_check); use the sdpa backend (what auto picks)")
+        raise TypeError(f"attention: {q.dtype} inputs on {q.device.type}: the Triton configurations are "
+                        f"compile-checked for fp16/bf16 only (python -m kernels.compile_check); use the sdpa "
+                        f"backend (what auto picks)")
     n, d = q.shape[2], q.shape[3]
     if frame_ids.shape != (n,):
         raise ValueError(f"frame_ids must be ({n},), got {tuple(frame_ids.shape)}")

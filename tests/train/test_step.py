@@ -44,9 +44,7 @@ def trained(model) -> dict:
     return {k: p.detach().clone() for k, p in model.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("family", ["vit", pytest.param("ac", marks=pytest.mark.xfail(
-    strict=True, reason="the AC predictor's layout cache gains a key in eval mode: a recompilation (the kern "
-                        "part of issue 8 builds the layouts at construction)"))])
+@pytest.mark.parametrize("family", ["vit", "ac"])
 def test_compiled_step_is_one_graph_per_region_without_recompilation(family):
     """Dropout on, the learning rate changing every step, logging steps, a validation forward in eval mode
     and a skipped non-finite step: after the warm-up (one plain and one logging step) nothing recompiles, and
