@@ -39,6 +39,10 @@ VARIANTS = {
     "original_fp32": dict(backend="reference", cache=False, decode_prediction=True, dtype=torch.float32, fast=False),
     "fast_fp32": dict(backend="auto", cache=True, decode_prediction=False, dtype=torch.float32, fast=True),
     "fast_bf16": dict(backend="auto", cache=True, decode_prediction=False, dtype=torch.bfloat16, fast=True),
+    "compiled_bf16": dict(backend="auto", cache=True, decode_prediction=False, dtype=torch.bfloat16, fast=True,
+                          compile=True),
+    "compiled_cuda_graphs_bf16": dict(backend="auto", cache=True, decode_prediction=False, dtype=torch.bfloat16,
+                                      fast=True, compile=True, cuda_graphs=True),
 }
 _baseline_seconds: dict[str, float] = {}
 _peak: dict[str, float] = {}  # device -> bf16 matmul FLOP/s measured in this session
