@@ -83,13 +83,13 @@ def test_sigterm_saves_and_resumes(dataset, tmp_path):
 STALL_THIRD_BATCH = """
 import sys, time
 from dinowm.data.windows import FrameWindows
-calls, fetch = [0], FrameWindows.__getitems__
+calls, fetch = [0], FrameWindows.batch
 def stalling(self, indices):
     calls[0] += 1
     if calls[0] == 3:
         time.sleep(600)  # a DataLoader that stops delivering
     return fetch(self, indices)
-FrameWindows.__getitems__ = stalling
+FrameWindows.batch = stalling  # every loader (in place or DataLoader) gathers through it
 from dinowm.cli import main
 main(sys.argv[1:])
 """
