@@ -3,7 +3,6 @@
 - `StepTimer` owns the timers of the training loop: samples/s, data-wait %, achieved FLOP/s and
   MFU (when the device's peak is known; FLOPs counted on the first real step), peak memory per
   epoch; one device sync per logging window, none per step; validation etc. left out.
-- `LossWindow` averages the step losses between two logging steps.
 - `MetricSink` writes every record to `<run>/metrics.jsonl`, and to TensorBoard / W&B only when
   they are installed and enabled.
 - `maybe_profile` yields a torch.profiler (or None); the loop calls `.step()` on it; it writes a
@@ -16,7 +15,6 @@ import contextlib
 import json
 import logging
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -144,27 +142,6 @@ class StepTimer:
             out["peak_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         self._start_window()
         return out
-
-
-class LossWindow:
-    """Mean of every `*loss` entry of the step outputs since the last `mean()`, each key over its own
-    count (decoder_pred_loss exists only on logging steps)."""
-
-    def __init__(self):
-        self._sums, self._counts = defaultdict(float), defaultdict(int)
-
-    def add(self, out: dict) -> None:
-        for k, v in out.items():
-            if k.endswith("loss"):
-                self._sums[k] += float(v.detach())
-                self._counts[k] += 1
-
-    def mean(self) -> dict:
-        """{key: mean} over the window, then starts a new window."""
-        means = {k: v / self._counts[k] for k, v in self._sums.items()}
-        self._sums.clear()
-        self._counts.clear()
-        return means
 
 
 class MetricSink:
