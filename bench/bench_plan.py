@@ -1,7 +1,7 @@
 """Planning latency: milliseconds per re-plan (CEM and GD) at given samples x horizon, same run.
 
 Fast path: all candidates rolled out as one batch (CEM), bf16 autocast where it pays (CUDA, CPUs
-with AVX-512 BF16). Baseline: candidates rolled out one at a time (`chunk = 1`), fp32 - how a planner
+with AVX-512 BF16), and on CUDA the cost evaluations replayed from CUDA graphs (skipped on CPU). Baseline: candidates rolled out one at a time (`chunk = 1`), fp32 - how a planner
 loop without batching runs. The model is the demo's (demo.toml: 64 px, 4x4 patches, the full 6-layer
 predictor) on a GPU or `--benchmark-only`; a 1-layer model under --benchmark-disable.
 
@@ -28,6 +28,7 @@ VARIANTS = {
     "unbatched_fp32": dict(chunk=1, dtype=torch.float32),
     "batched_fp32": dict(chunk=0, dtype=torch.float32),
     "batched_bf16": dict(chunk=0, dtype=torch.bfloat16),
+    "batched_bf16_cuda_graphs": dict(chunk=0, dtype=torch.bfloat16, cuda_graphs=True),
 }
 _baseline: dict[tuple, float] = {}
 
@@ -42,7 +43,7 @@ def _setup(shape: str, method: str, variant: dict, device):
                   torch.randn(n - 1, da, device=device))
     cost = GoalCost(model, ctx, torch.rand(3, s, s, device=device) * 2 - 1, None, da)
     planner = Planner(PlannerSettings(method=method, chunk=variant["chunk"], **settings), da, cfg.data.frameskip,
-                      device, variant["dtype"])
+                      device, variant["dtype"], variant.get("cuda_graphs", False))
     return (lambda: planner.plan(cost)), settings
 
 
@@ -52,6 +53,8 @@ def test_replan_latency(benchmark, request, bench_utils, device, method, variant
     shape = "tiny" if request.config.getoption("benchmark_disable") else "demo"
     if method == "gd" and variant == "unbatched_fp32":
         pytest.skip("GD optimises its few restarts as one batch; the unbatched baseline is CEM's")
+    if VARIANTS[variant].get("cuda_graphs") and device.type != "cuda":
+        pytest.skip("CUDA graphs need a CUDA device")
     plan, settings = _setup(shape, method, VARIANTS[variant], device)
     benchmark.group = f"replan[{method},{shape}]"
     out = benchmark.pedantic(plan, rounds=3, warmup_rounds=1, iterations=1)

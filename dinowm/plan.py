@@ -21,7 +21,10 @@ Baselines in the same run, from the same start: random actions (drawn as the pla
 N(0, 1) in normalised units, held per model step) and replaying the scripted actions (an upper
 reference). Writes <run>/plan/ (or --out): results.json and one contact sheet per episode.
 
-Latency: milliseconds per re-plan (samples x horizon as set) are reported for every method.
+Latency: milliseconds per re-plan (samples x horizon as set) are reported for every method. On a GPU,
+`--device cuda --dtype bf16 --cuda-graphs` is the fast path (bf16 rollouts, cost evaluations replayed
+from CUDA graphs, as the training step does); on CPU, `--dtype bf16` pays where the CPU has AVX-512 BF16
+or AMX (bench/bench_plan.py measures it).
 """
 from __future__ import annotations
 
@@ -37,7 +40,8 @@ import torch
 from dinowm.data import FrameWindows, build_data, preprocess_images
 from dinowm.errors import run_cli
 from dinowm.eval import load_run
-from dinowm.planner import Context, GoalCost, PlanError, Planner, PlannerSettings, expand_hold, mpc_episode
+from dinowm.planner import (Context, GoalCost, PlanError, Planner, PlannerSettings, expand_hold, mpc_episode,
+                           require_cuda_for_graphs)
 from dinowm.visualize import save_grid
 
 log = logging.getLogger("dinowm")
@@ -86,7 +90,7 @@ def plan_on_dataset(model, cfg, stats, args, methods, device) -> dict:
             results["dataset_actions"].append(float(cost(true_actions[None])[0]))
             results["random"].append(float(cost(random).mean()))
         for m in methods:
-            planner = Planner(settings_from_args(args, m), da, fs, device)
+            planner = Planner(settings_from_args(args, m), da, fs, device, args.torch_dtype, args.cuda_graphs)
             out = planner.plan(cost, horizon=args.goal_steps)
             results[m].append(out["cost"])
             latency.setdefault(m, []).append(out["ms"])
@@ -255,8 +259,8 @@ def plan_in_sim(model, cfg, stats, args, methods, device, out: Path) -> dict:
                       "goal_position": task.goal_state[:3].tolist()}
             rows, labels = [], []
             for name in controllers:
-                planner = Planner(settings_from_args(args, name), 9 * fs, fs, device, args.torch_dtype) \
-                    if name in methods else None
+                planner = Planner(settings_from_args(args, name), 9 * fs, fs, device, args.torch_dtype,
+                                  args.cuda_graphs) if name in methods else None
                 result = run_controller(task, name, planner, model, device, args)
                 rows.append(preprocess_images(torch.stack(result.pop("frames")), args.sheet_px))
                 labels.append(f"{name} {100 * result['final_distance_m']:.1f} cm")
@@ -330,7 +334,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--sheet-px", type=int, default=128, help="contact sheet tile size")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="bf16: rollouts under autocast")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="CUDA: replay each cost evaluation from a CUDA graph captured once per shape")
     parser.add_argument("--out", help="output folder (default <run>/plan)")
     args = parser.parse_args(argv)
     args.torch_dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
@@ -342,6 +348,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.episodes < 1 or args.goal_steps < 1 or args.execute < 1:
         raise PlanError("--episodes, --goal-steps and --execute must be >= 1")
     settings_from_args(args, methods[0])
+    if args.cuda_graphs:
+        require_cuda_for_graphs(args.device)
     model, cfg, stats, _ = load_run(args.checkpoint, device=args.device)
     model.requires_grad_(False)  # planning differentiates with respect to the actions only
     out.mkdir(parents=True, exist_ok=True)

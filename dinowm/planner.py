@@ -21,10 +21,20 @@ steps it spans (a joint target held for frameskip frames: 9 instead of 9 * frame
 MPC (`mpc_episode`): plan H steps, execute the first `execute` of them, observe, re-plan (warm-started
 with the unexecuted rest of the last plan), until the step budget is spent. Every re-plan is timed.
 
+Speed: all candidates of an iteration are one batched rollout (the AC family's rollout reuses past
+frames' keys and values), under bf16 autocast when the planner's dtype says so, and nothing in an
+iteration reads a value to the host (the best candidate and the cost trace stay on the device until
+the re-plan ends). On CUDA, `cuda_graphs` captures each cost evaluation (CEM: the batched rollout and
+cost; GD: those plus the gradient with respect to the actions) into a CUDA graph once per shape and
+replays it, with the candidates and the re-plan's context copied into the graph's static buffers: a
+re-plan costs a few graph launches instead of thousands of kernel launches from Python.
+
 The model is only used through `dinowm.models.interface.WorldModel` (encode_visual / rollout / split).
 """
 from __future__ import annotations
 
+import copy
+import logging
 import time
 from dataclasses import dataclass
 
@@ -32,6 +42,8 @@ import torch
 
 from dinowm.errors import UserError
 from dinowm.models.interface import WorldModel, check_world_model, encode_frames
+
+log = logging.getLogger("dinowm")
 
 
 class PlanError(UserError, ValueError):
@@ -93,7 +105,12 @@ class Context:
 
 
 class GoalCost:
-    """cost(actions (N, H, Da)) -> (N,) for a fixed context and goal; `predict` gives the final latents."""
+    """cost(actions (N, H, Da)) -> (N,) for a fixed context and goal; `predict` gives the final latents.
+
+    Everything a cost depends on besides the model is in the tensors of `TENSORS` (what a CUDA graph of
+    its evaluation reads): `clone` copies them, `load_` overwrites them in place with another cost's."""
+
+    TENSORS = ("obs", "proprio", "past_actions", "visual", "goal_visual", "goal_proprio")
 
     def __init__(self, model: WorldModel, context: Context, goal_obs: torch.Tensor, goal_proprio: torch.Tensor | None,
                  action_dim: int, proprio_weight: float = 0.0):
@@ -119,17 +136,35 @@ class GoalCost:
         self.goal_proprio = None if goal_prop is None else goal_prop[:, 0]
         if proprio_weight > 0 and self.goal_proprio is None:
             raise PlanError("proprio_weight > 0 but this model's latents have no proprio part")
-        self.context = context
+        self.obs, self.proprio, self.past_actions = obs, proprio, context.past_actions
+
+    def tensors(self) -> dict[str, torch.Tensor | None]:
+        return {name: getattr(self, name) for name in self.TENSORS}
+
+    def clone(self) -> "GoalCost":
+        """The same cost on copies of its tensors (the static buffers of a captured evaluation)."""
+        other = copy.copy(self)
+        for name, t in self.tensors().items():
+            setattr(other, name, None if t is None else t.clone())
+        return other
+
+    def load_(self, other: "GoalCost") -> None:
+        """Overwrite this cost's tensors in place with `other`'s (same model, same shapes)."""
+        for name, t in self.tensors().items():
+            if t is not None:
+                t.copy_(getattr(other, name))
+
+    def shapes(self) -> tuple:
+        return tuple(None if t is None else tuple(t.shape) for t in self.tensors().values())
 
     def predict(self, actions: torch.Tensor) -> torch.Tensor:
         """actions (N, H, Da) -> final predicted latents (N, ...)."""
         n = actions.shape[0]
-        c = self.context
-        past = c.past_actions[None].expand(n, -1, -1)
+        past = self.past_actions[None].expand(n, -1, -1)
         blank = torch.zeros(n, 1, self.action_dim, device=actions.device, dtype=actions.dtype)
         full = torch.cat([past.to(actions.dtype), actions, blank], dim=1)  # (N, T0 - 1 + H + 1, Da)
-        t0 = c.obs.shape[0]
-        z = self.model.rollout(c.obs[None].expand(n, -1, -1, -1, -1), c.proprio[None].expand(n, -1, -1), full,
+        t0 = self.obs.shape[0]
+        z = self.model.rollout(self.obs[None].expand(n, -1, -1, -1, -1), self.proprio[None].expand(n, -1, -1), full,
                                visual0=self.visual.expand(n, *self.visual.shape[1:]))["z"]
         assert z.shape[1] == t0 + actions.shape[1], "rollout must return the context plus one latent per action"
         return z[:, -1]
@@ -147,11 +182,60 @@ def expand_hold(actions: torch.Tensor, frameskip: int) -> torch.Tensor:
     return actions.repeat(1, 1, frameskip)
 
 
+def require_cuda_for_graphs(device) -> None:
+    if torch.device(device).type != "cuda":
+        raise PlanError(f"CUDA graphs need a CUDA device, and the planner runs on {device}; plan without "
+                        f"--cuda-graphs (or with --device cuda on a GPU)")
+
+
+class CostGraphs:
+    """CUDA graphs of the planner's cost evaluations (Planner(cuda_graphs=True)), one per evaluation and
+    shape (candidates, context, goal): the first call of a shape runs the evaluation WARMUP times on a
+    side stream (kernel autotuning, cached layouts, cuBLAS workspaces) and captures it, with a clone of
+    the cost and of the candidates as static buffers. Every call copies its candidates and its cost's
+    tensors (a new GoalCost per re-plan) into those buffers and replays; returns copies of the outputs."""
+
+    WARMUP = 2
+
+    def __init__(self):
+        self.graphs: dict[tuple, tuple] = {}  # key -> graph, static cost, static candidates, static outputs
+
+    def __call__(self, evaluate, cost: GoalCost, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        key = (evaluate.__name__, tuple(x.shape), cost.shapes())
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(evaluate, cost, x)
+        graph, static_cost, static_x, out = self.graphs[key]
+        static_cost.load_(cost)
+        with torch.no_grad():
+            static_x.copy_(x)
+        graph.replay()
+        return tuple(t.clone() for t in out)
+
+    def _capture(self, evaluate, cost: GoalCost, x: torch.Tensor) -> tuple:
+        static_cost, static_x = cost.clone(), x.detach().clone().requires_grad_(x.requires_grad)
+        stream = torch.cuda.current_stream(x.device)
+        side = torch.cuda.Stream(x.device)
+        side.wait_stream(stream)
+        with torch.cuda.stream(side):
+            for _ in range(self.WARMUP):
+                evaluate(static_cost, static_x)
+        stream.wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = evaluate(static_cost, static_x)
+        log.info("planner: %s of %d candidates x %d steps captured into a CUDA graph", evaluate.__name__,
+                 x.shape[0], x.shape[1])
+        return graph, static_cost, static_x, out
+
+
 class Planner:
-    """Optimises H-step action sequences (normalised, (H, Da)) for a GoalCost with CEM or GD."""
+    """Optimises H-step action sequences (normalised, (H, Da)) for a GoalCost with CEM or GD.
+
+    dtype: bf16 runs the rollouts under autocast; cuda_graphs: replay captured cost evaluations
+    (CostGraphs; CUDA only)."""
 
     def __init__(self, settings: PlannerSettings, action_dim: int, frameskip: int, device="cpu",
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, cuda_graphs: bool = False):
         self.s = settings.validate()
         self.action_dim = action_dim
         self.frameskip = frameskip
@@ -159,6 +243,9 @@ class Planner:
             raise PlanError(f"action dim {action_dim} is not a multiple of frameskip {frameskip}")
         self.var_dim = action_dim // frameskip if settings.hold else action_dim
         self.device = torch.device(device)
+        if cuda_graphs:
+            require_cuda_for_graphs(self.device)
+        self.graphs = CostGraphs() if cuda_graphs else None
         self.dtype = dtype
         self.generator = torch.Generator(device="cpu").manual_seed(settings.seed)
         self.latencies_ms: list[float] = []
@@ -171,12 +258,30 @@ class Planner:
         return torch.randn(*shape, generator=self.generator).to(self.device)
 
     def _autocast(self):
-        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+        # a captured evaluation must not keep autocast's cache of cast weights (it would hold the capture's)
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32,
+                              cache_enabled=self.graphs is None)
 
-    def _costs(self, cost: GoalCost, x: torch.Tensor) -> torch.Tensor:
-        chunk = self.s.chunk or x.shape[0]
+    def costs(self, cost: GoalCost, x: torch.Tensor) -> tuple[torch.Tensor]:
+        """(costs (N,) fp32,) of candidates x (N, H, var_dim), without gradients."""
         with torch.no_grad(), self._autocast():
-            return torch.cat([cost(self._full(x[i:i + chunk])).float() for i in range(0, x.shape[0], chunk)])
+            return (cost(self._full(x)).float(),)
+
+    def costs_and_gradients(self, cost: GoalCost, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(costs (N,), d sum(costs) / d x) of candidates x (N, H, var_dim) that require grad."""
+        with torch.enable_grad(), self._autocast():
+            costs = cost(self._full(x)).float()
+        if not costs.requires_grad:
+            raise PlanError(f"{type(cost.model).__name__}.rollout is not differentiable: plan with CEM (--method cem)")
+        (grad,) = torch.autograd.grad(costs.sum(), x)  # only the actions: the model's parameters stay untouched
+        return costs.detach(), grad
+
+    def _evaluate(self, evaluate, cost: GoalCost, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return evaluate(cost, x) if self.graphs is None else self.graphs(evaluate, cost, x)
+
+    def _batched_costs(self, cost: GoalCost, x: torch.Tensor) -> torch.Tensor:
+        chunk = self.s.chunk or x.shape[0]
+        return torch.cat([self._evaluate(self.costs, cost, x[i:i + chunk])[0] for i in range(0, x.shape[0], chunk)])
 
     def plan(self, cost: GoalCost, horizon: int | None = None, warm_start: torch.Tensor | None = None) -> dict:
         """-> {"actions": (H, Da) normalised, "cost": float, "ms": latency of this re-plan, "trace": [cost/iter]}."""
@@ -188,30 +293,29 @@ class Planner:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         t = time.perf_counter()
-        best, best_cost, trace = self._cem(cost, mu) if self.s.method == "cem" else self._gd(cost, mu)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        best, trace = self._cem(cost, mu) if self.s.method == "cem" else self._gd(cost, mu)
+        trace = torch.stack(trace).tolist()  # the re-plan's one host read; trace[-1] is the best cost
         ms = (time.perf_counter() - t) * 1e3
         self.latencies_ms.append(ms)
         return {"actions": self._full(best[None])[0], "raw": best.clamp(-self.s.action_clip, self.s.action_clip),
-                "cost": best_cost, "ms": ms, "trace": trace}
+                "cost": trace[-1], "ms": ms, "trace": trace}
 
     def _cem(self, cost: GoalCost, mu: torch.Tensor):
         s = self.s
         sigma = torch.full_like(mu, s.init_std)
-        best, best_cost, trace = mu, float("inf"), []
+        best, best_cost, trace = mu, torch.full((), float("inf"), device=mu.device), []
         for _ in range(s.iterations):
             x = mu[None] + sigma[None] * self._randn(s.samples, *mu.shape)  # (N, H, d)
             x[0] = mu  # the current mean is always a candidate
             x = x.clamp(-s.action_clip, s.action_clip)
-            costs = self._costs(cost, x)  # (N,)
+            costs = self._batched_costs(cost, x)  # (N,)
             order = torch.argsort(costs)
             elite = x[order[:s.elites]]
             mu, sigma = elite.mean(0), elite.std(0, correction=0) + 1e-3
-            if float(costs[order[0]]) < best_cost:
-                best, best_cost = x[order[0]], float(costs[order[0]])
+            better = costs[order[0]] < best_cost
+            best, best_cost = torch.where(better, x[order[0]], best), torch.minimum(costs[order[0]], best_cost)
             trace.append(best_cost)
-        return best, best_cost, trace
+        return best, trace
 
     def _gd(self, cost: GoalCost, mu: torch.Tensor):
         s = self.s
@@ -221,20 +325,15 @@ class Planner:
         opt = torch.optim.Adam([x], lr=s.lr)
         trace = []
         for _ in range(s.iterations):
-            with self._autocast():
-                costs = cost(self._full(x)).float()  # (R,)
-            if not costs.requires_grad:
-                raise PlanError(f"{type(cost.model).__name__}.rollout is not differentiable: plan with CEM (--method cem)")
-            (grad,) = torch.autograd.grad(costs.sum(), x)  # only the actions: the model's parameters stay untouched
-            x.grad = grad
+            costs, x.grad = self._evaluate(self.costs_and_gradients, cost, x)  # (R,), (R, H, d)
             opt.step()
             with torch.no_grad():
                 x.clamp_(-s.action_clip, s.action_clip)
-            trace.append(float(costs.detach().min()))
-        final = self._costs(cost, x.detach())
-        i = int(torch.argmin(final))
-        trace.append(float(final[i]))
-        return x.detach()[i], float(final[i]), trace
+            trace.append(costs.min())
+        final = self._batched_costs(cost, x.detach())
+        i = torch.argmin(final)
+        trace.append(final[i])
+        return x.detach()[i], trace
 
 
 def mpc_episode(planner: Planner, make_cost, execute_fn, steps: int, execute: int = 1) -> dict:

@@ -10,7 +10,7 @@ from dinowm.models.decoder import VQVAEDecoder
 from dinowm.models.encoder import DinoV2Encoder
 from dinowm.models.interface import WorldModel
 from dinowm.models.world_model import build_world_model
-from dinowm.planner import Context, GoalCost, Planner, PlannerSettings
+from dinowm.planner import Context, GoalCost, PlanError, Planner, PlannerSettings
 
 
 def dino_wm():
@@ -42,3 +42,54 @@ def test_eval_and_cem_run_on_both_families(family):
     gd = Planner(PlannerSettings(method="gd", iterations=2, restarts=1, hold=False), da, 1)
     # both rollouts are differentiable: the gradient moves the actions away from the 0 start
     assert gd.plan(cost, horizon=2)["raw"].abs().sum() > 0
+
+
+def two_costs(model, da, dp, device="cpu"):
+    """Two goal costs of different contexts and goals (two re-plans), on fresh random inputs."""
+    n = model.context_frames
+    weight = 0.0 if isinstance(model, ACWorldModel) else 0.5  # AC latents have no proprio part
+    costs = []
+    for _ in range(2):
+        obs = torch.rand(n + 1, 3, 32, 32, device=device) * 2 - 1
+        ctx = Context(obs[:n], torch.randn(n, dp, device=device), torch.randn(n - 1, da, device=device))
+        costs.append(GoalCost(model, ctx, obs[-1], torch.randn(dp, device=device), da, proprio_weight=weight))
+    return costs
+
+
+@pytest.mark.parametrize("family", [dino_wm, ac])
+def test_a_clone_loaded_with_another_cost_evaluates_as_that_cost(family):
+    """What the planner's CUDA graphs rely on: the captured (cloned) cost, loaded in place with a later
+    re-plan's tensors, is that re-plan's cost; and the clone shares no tensor with its source."""
+    model, da, dp = family()
+    first, second = two_costs(model, da, dp)
+    x = torch.randn(5, 2, da)
+    with torch.no_grad():
+        want_first, want_second = first(x), second(x)
+        static = first.clone()
+        static.load_(second)
+        torch.testing.assert_close(static(x), want_second, rtol=0, atol=0)
+        torch.testing.assert_close(first(x), want_first, rtol=0, atol=0)
+    assert not torch.equal(want_first, want_second)
+
+
+def test_cuda_graphs_are_refused_on_cpu():
+    model, da, _ = dino_wm()
+    with pytest.raises(PlanError, match="CUDA graphs need a CUDA device.*cpu"):
+        Planner(PlannerSettings(), da, 1, "cpu", cuda_graphs=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", [dino_wm, ac])
+@pytest.mark.parametrize("method", ["cem", "gd"])
+def test_gpu_cuda_graph_planning_equals_eager_over_replans(family, method):
+    """Captured cost evaluations (CEM: costs; GD: costs and action gradients) replayed for two re-plans with
+    different contexts equal the eager planner's, fp32, one graph per evaluation shape."""
+    model, da, dp = family()
+    model = model.cuda().requires_grad_(False)
+    settings = PlannerSettings(method=method, samples=16, elites=4, iterations=3, restarts=3, hold=False, seed=3)
+    eager, graphed = (Planner(settings, da, 1, "cuda", cuda_graphs=g) for g in (False, True))
+    for cost in two_costs(model, da, dp, "cuda"):
+        want, got = eager.plan(cost, horizon=2), graphed.plan(cost, horizon=2)
+        torch.testing.assert_close(got["actions"], want["actions"], rtol=1e-5, atol=1e-5)
+        assert got["trace"] == pytest.approx(want["trace"], rel=1e-5, abs=1e-7)
+    assert len(graphed.graphs.graphs) == (1 if method == "cem" else 2)  # GD: gradients + the final costs

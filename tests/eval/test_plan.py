@@ -33,3 +33,4 @@ def test_bad_inputs_are_one_line_errors(tiny_run, tmp_path, capsys):
     assert "lower --goal-steps" in cli_error(capsys, plan.main, tiny_run, "--goal-steps", "30", "--out", tmp_path, *FAST)
     assert "elites" in cli_error(capsys, plan.main, tiny_run, "--samples", "2", "--elites", "4", "--out", tmp_path)
     assert "no checkpoint" in cli_error(capsys, plan.main, tmp_path / "none", "--out", tmp_path)
+    assert "CUDA graphs need a CUDA device" in cli_error(capsys, plan.main, tiny_run, "--cuda-graphs", "--out", tmp_path)
