@@ -3,15 +3,10 @@ import pytest
 
 from dinowm.cli import train
 from franka_fixtures import write_franka_dataset
+from tiny_run import TINY_RUN
 
-TINY = [
-    "--data.img_size", "32", "--model.encoder_image_size", "28",  # 2x2 patches
-    "--model.predictor_depth", "1", "--model.predictor_heads", "2", "--model.predictor_dim_head", "16",
-    "--model.predictor_mlp_dim", "64", "--data.frameskip", "2", "--data.num_hist", "2",
-    "--data.split_ratio", "0.6", "--training.batch_size", "4", "--eval.max_batches", "1",
-    "--eval.rollout_horizon", "2", "--logging.progress_bar", "false", "--training.max_steps", "1",
-    "--training.dtype", "fp32",
-]
+TINY = [*TINY_RUN, "--eval.max_batches", "1", "--eval.rollout_horizon", "2", "--training.max_steps", "1",
+        "--training.dtype", "fp32"]
 
 
 @pytest.fixture(scope="session")

@@ -14,11 +14,9 @@ import torch
 from crafted import Marker
 from dinowm import checkpoint, cli
 from franka_fixtures import CASES, write_franka_dataset
+from tiny_run import TINY_RUN
 
-TINY = ["--data.img_size", "32", "--model.encoder_image_size", "28", "--model.predictor_depth", "1",
-        "--model.predictor_heads", "2", "--model.predictor_dim_head", "16", "--model.predictor_mlp_dim", "64",
-        "--data.frameskip", "2", "--data.num_hist", "2", "--data.split_ratio", "0.6", "--training.batch_size", "4",
-        "--eval.max_batches", "1", "--eval.rollout_horizon", "1", "--logging.progress_bar", "false"]
+TINY = [*TINY_RUN, "--eval.max_batches", "1", "--eval.rollout_horizon", "1"]
 
 
 def cli_error(capsys, *args: str) -> str:

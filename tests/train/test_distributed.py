@@ -15,15 +15,12 @@ from dinowm.cli import train
 from dinowm.checkpoint import load_checkpoint
 from dinowm.data.windows import EpochBatchSampler
 from franka_fixtures import write_franka_dataset
+from tiny_run import TINY_RUN
 
 ROOT = Path(__file__).resolve().parents[2]
 ARGS = [
-    "--config", "demo.toml", "--data.demo_episodes", "0",
-    "--data.img_size", "32", "--model.encoder_image_size", "28", "--model.predictor_depth", "1",
-    "--model.predictor_heads", "2", "--model.predictor_dim_head", "16", "--model.predictor_mlp_dim", "64",
-    "--data.frameskip", "2", "--data.num_hist", "2", "--data.split_ratio", "0.6", "--eval.max_batches", "2",
+    "--config", "demo.toml", "--data.demo_episodes", "0", *TINY_RUN, "--eval.max_batches", "2",
     "--eval.rollout_episodes", "0", "--logging.image_every_epochs", "100", "--logging.every_steps", "1",
-    "--logging.progress_bar", "false",
     "--training.batch_size", "8", "--training.dtype", "fp32", "--model.predictor_dropout", "0",
     "--training.device", "cpu",
 ]  # 48 training samples: 6 global batches of 8 per epoch

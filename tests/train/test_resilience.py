@@ -18,15 +18,13 @@ from dinowm.checkpoint import CheckpointError, load_checkpoint
 from dinowm.cli import train
 from dinowm.resilience import EXIT_HANG, EXIT_PREEMPTED, NonFiniteError
 from franka_fixtures import write_franka_dataset
+from tiny_run import TINY_RUN
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = [
-    "--config", "demo.toml", "--data.demo_episodes", "0",
-    "--data.img_size", "32", "--model.encoder_image_size", "28", "--model.predictor_depth", "1",
-    "--model.predictor_heads", "2", "--model.predictor_dim_head", "16", "--model.predictor_mlp_dim", "64",
-    "--data.frameskip", "2", "--data.num_hist", "2", "--data.split_ratio", "0.6", "--training.batch_size", "4",
-    "--eval.max_batches", "1", "--eval.rollout_episodes", "0", "--logging.image_every_epochs", "100",
-    "--logging.every_steps", "1", "--logging.progress_bar", "false", "--training.device", "cpu",
+    "--config", "demo.toml", "--data.demo_episodes", "0", *TINY_RUN, "--eval.max_batches", "1",
+    "--eval.rollout_episodes", "0", "--logging.image_every_epochs", "100", "--logging.every_steps", "1",
+    "--training.device", "cpu",
 ]  # 12 steps per epoch
 
 

@@ -6,12 +6,10 @@ import pytest
 
 from dinowm.cli import train
 from franka_fixtures import write_franka_dataset
+from tiny_run import TINY_RUN
 
-TINY = ["--data.img_size", "32", "--model.encoder_image_size", "28", "--model.predictor_depth", "1",
-        "--model.predictor_heads", "2", "--model.predictor_dim_head", "16", "--model.predictor_mlp_dim", "32",
-        "--data.frameskip", "2", "--data.num_hist", "2", "--data.split_ratio", "0.6", "--training.batch_size", "4",
-        "--training.dtype", "fp32", "--eval.max_batches", "1", "--eval.rollout_horizon", "1",
-        "--logging.every_steps", "1", "--logging.progress_bar", "false", "--training.max_steps", "3",
+TINY = [*TINY_RUN, "--model.predictor_mlp_dim", "32", "--training.dtype", "fp32", "--eval.max_batches", "1",
+        "--eval.rollout_horizon", "1", "--logging.every_steps", "1", "--training.max_steps", "3",
         "--training.feature_cache", "true"]
 
 

@@ -4,11 +4,9 @@ import json
 from dinowm.checkpoint import load_checkpoint
 from dinowm.cli import train
 from franka_fixtures import write_franka_dataset
+from tiny_run import TINY_RUN
 
-TINY = ["--data.img_size", "32", "--model.encoder_image_size", "28", "--model.predictor_depth", "1",
-        "--model.predictor_heads", "2", "--model.predictor_dim_head", "16", "--model.predictor_mlp_dim", "64",
-        "--data.frameskip", "2", "--data.num_hist", "2", "--data.split_ratio", "0.6", "--training.batch_size", "8",
-        "--eval.rollout_horizon", "2", "--eval.rollout_samples", "4", "--logging.progress_bar", "false"]
+TINY = [*TINY_RUN, "--training.batch_size", "8", "--eval.rollout_horizon", "2", "--eval.rollout_samples", "4"]
 
 
 def test_every_n_steps_past_the_epochs_keeping_the_last_k(tmp_path):
