@@ -1,4 +1,4 @@
-"""Train a DINO world model (`python train.py ...`, or the `dinowm-train` console script).
+"""Train a world model, DINO-WM or the V-JEPA 2-AC predictor (`python train.py ...`, or the `dinowm-train` console script).
 
     python train.py --config demo.toml                       # simulated Franka demo, 2 CPU cores, ~10 min
     python train.py --config franka.toml --data.path /data/my_dset --model.encoder_weights dinov2_vits14_pretrain.pth
@@ -11,6 +11,8 @@
 
 A bare config name is looked up in configs/. Any value can be overridden with --section.key value
 (see README "Configuration"). Without --out the run folder is outputs/<date>/<time>/.
+Exit codes: 0 done, 2 a user error (one line), 130 Ctrl-C / 143 SIGTERM (a checkpoint was saved: resume),
+124 hang (stacks in train.log).
 """
 from __future__ import annotations
 
