@@ -1,4 +1,5 @@
-"""Train a world model, DINO-WM or the V-JEPA 2-AC predictor (`python train.py ...`, or the `dinowm-train` console script).
+"""Train a world model, DINO-WM or the V-JEPA 2-AC predictor (`python train.py ...`, or the
+`dinowm-train` console script).
 
     python train.py --config demo.toml                       # simulated Franka demo, 2 CPU cores, ~10 min
     python train.py --config franka.toml --data.path /data/my_dset --model.encoder_weights dinov2_vits14_pretrain.pth
