@@ -125,12 +125,13 @@ class Trainer:
             self._check_fingerprints(checkpoint, "encoder")
         # DDP averages the gradients of whatever trainable parameters the model has (rank 0's weights
         # and buffers are broadcast at construction; no buffer changes while training, so no broadcast per
-        # step); validation and rollouts use self.model directly
+        # step); validation and rollouts use self.model directly. With decoder_every_steps > 1 the decoder
+        # gets no gradient on the steps between: DDP must look for unused parameters in those steps.
         self.train_model = self.model
         if self.dist.enabled:
             self.train_model = DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                broadcast_buffers=False)
+                broadcast_buffers=False, find_unused_parameters=t.decoder_every_steps > 1)
 
         self.store = self._plan_store()
         self.cache = None

@@ -118,3 +118,14 @@ def test_two_gloo_processes_train_the_ac_family_like_one(tmp_path):
     train([*args, "--out", str(tmp_path / "one")])
     torchrun(ROOT / "train.py", *args, "--out", str(tmp_path / "two"))
     assert_close(losses(tmp_path / "two"), losses(tmp_path / "one"), range(1, 5))
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_train_the_decoder_every_other_step_like_one(tmp_path):
+    """With training.decoder_every_steps = 2 the decoder's parameters get no gradient on every other step:
+    DDP must be told (find_unused_parameters), or its reducer waits for them and the next step fails."""
+    data = write_franka_dataset(tmp_path / "dset", lengths=(20, 16, 24, 18, 22), hw=(32, 32))
+    args = [*ARGS, "--data.path", str(data), "--training.decoder_every_steps", "2", "--training.max_steps", "4"]
+    train([*args, "--out", str(tmp_path / "one")])
+    torchrun(ROOT / "train.py", *args, "--out", str(tmp_path / "two"))
+    assert_close(losses(tmp_path / "two"), losses(tmp_path / "one"), range(1, 5))
