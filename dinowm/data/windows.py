@@ -105,7 +105,9 @@ class FrameWindows(Dataset):
         n = len(self)
         if idx.numel() and (int(idx.min()) < -n or int(idx.max()) >= n):  # checked on the host: no device sync
             raise IndexError(f"sample index out of range for {n} samples")
-        idx = (idx % max(n, 1)).to(self.sample_episode.device)  # the gather runs where the tables live
+        idx, device = idx % max(n, 1), self.sample_episode.device  # the gather runs where the tables live
+        if device.type == "cuda" and not idx.is_cuda:  # from pageable memory the copy would make the host wait
+            idx = idx.pin_memory().to(device, non_blocking=True)
         ep = self.sample_episode[idx]  # (B,)
         start = self.sample_start[idx]  # (B,)
         b, f, fs = idx.shape[0], self.num_frames, self.frameskip
