@@ -183,16 +183,17 @@ class CapturedStep:
 class StepStats:
     """Device-side sums of the training steps' outputs since the last logging step, and the skip counters.
 
-    add(out): device ops only: every `*loss` entry and grad_norm of a step whose update was applied
+    add(out): device ops only: every finite `*loss` entry and grad_norm of a step whose update was applied
     (out["finite"]) is summed, each key over the steps that have it (decoder_pred_loss exists only on
     logging steps); a skipped step adds to the skip counters and records which entries were non-finite.
     read(): one host transfer of everything."""
 
-    def __init__(self, device: torch.device, skips: int = 0):
+    def __init__(self, device: torch.device, skips: int = 0, run: int = 0):
         self.device = device
         self._windows: dict[tuple[str, ...], torch.Tensor] = {}  # keys -> (3, K) fp64: sum, count, non-finite
-        # skips in total, skips in a row now, longest run of skips since the last read
-        self._skips = torch.tensor([skips, 0, 0], dtype=torch.int64, device=device)
+        # skips in total, skips in a row now, longest run of skips since the last read (a resumed run
+        # continues the run it was saved in)
+        self._skips = torch.tensor([skips, run, run], dtype=torch.int64, device=device)
 
     def add(self, out: dict) -> None:
         keys = tuple(k for k in out if k.endswith("loss") or k == "grad_norm")
@@ -201,8 +202,9 @@ class StepStats:
         if keys not in self._windows:
             self._windows[keys] = torch.zeros(3, len(keys), dtype=torch.float64, device=self.device)
         window = self._windows[keys]
-        window[0] += torch.where(finite, values, 0.0)
-        window[1] += finite
+        counted = finite & torch.isfinite(values)  # a non-finite side value (no gradient) of an applied step too
+        window[0] += torch.where(counted, values, 0.0)
+        window[1] += counted
         window[2] += ~torch.isfinite(values)
         skipped = (~finite).long()
         run = (self._skips[1] + 1) * skipped

@@ -173,7 +173,8 @@ class Trainer:
                                        self.dtype, grad_clip=t.grad_clip, compile=t.compile,
                                        cuda_graphs=t.cuda_graphs)
         self._skips_reported = checkpoint.get("nonfinite_skips", 0) if checkpoint else 0
-        self.stats = StepStats(self.device, skips=self._skips_reported)  # losses and skips, on the device
+        self.stats = StepStats(self.device, skips=self._skips_reported,  # losses and skips, on the device
+                               run=checkpoint.get("nonfinite_run", 0) if checkpoint else 0)
         self.sink = MetricSink(self.run_dir, cfg.to_dict(), cfg.logging.tensorboard, cfg.logging.wandb,
                                cfg.logging.wandb_project, enabled=self.dist.main,
                                resume_step=self.step if checkpoint else None)
@@ -476,8 +477,8 @@ class Trainer:
         save_grid(rows, path, labels, [f"frame {k} (t+{k * fs})" for k in range(truth.shape[0])],
                   title=f"{path.parent.name}: epoch {self.epoch} step {self.step}")
 
-    def state(self, rng: list, nonfinite_skips: int) -> dict:
-        """rng: capture_rng_state() of every rank; nonfinite_skips: updates skipped so far."""
+    def state(self, rng: list, skips: dict) -> dict:
+        """rng: capture_rng_state() of every rank; skips: StepStats.read() (updates skipped so far, and in a row)."""
         model_state = self.model.state_dict()
         if self.cfg.model.encoder_weights:  # reloaded from the weights file; no need to store 22M frozen params
             model_state = {k: v for k, v in model_state.items() if not k.startswith("encoder.")}
@@ -493,7 +494,8 @@ class Trainer:
             "rng": rng[0],
             "rank_rng": rng[1:],  # ranks > 0 draw their own dropout masks
             "world_size": self.dist.world_size,
-            "nonfinite_skips": nonfinite_skips,
+            "nonfinite_skips": skips["skips"],
+            "nonfinite_run": skips["run"],  # skipped in a row when saved: the limit counts on after a resume
             "fingerprints": self.fingerprints,
             "schedule": self.schedule.to_dict(),
             "data_widths": self.data_widths,
@@ -501,13 +503,13 @@ class Trainer:
 
     def save(self, keep_as: int | None = None) -> Path:
         """Collective under torchrun (every rank's RNG state is gathered); rank 0 writes."""
-        nonfinite_skips = self._check_nonfinite()["skips"]
+        skips = self._check_nonfinite()
         folder = self.run_dir / "checkpoints"
         path = folder / "model_latest.pt"
         rng = distributed.all_gather_objects(capture_rng_state(self.model))
         if not self.dist.main:
             return path
-        state = self.state(rng, nonfinite_skips)
+        state = self.state(rng, skips)
         atomic_save(state, path)
         if keep_as is not None:
             atomic_save(state, folder / f"model_{keep_as}.pt")

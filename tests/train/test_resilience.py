@@ -171,7 +171,7 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(dataset, tmp_path, monkey
     train(["--resume", str(tmp_path / "run"), "--training.max_steps", "3",
                 "--training.max_nonfinite_steps", "3"])
     after = load_checkpoint(tmp_path / "run")
-    assert after["step"] == 3 and after["nonfinite_skips"] == 2
+    assert after["step"] == 3 and after["nonfinite_skips"] == 2 and after["nonfinite_run"] == 2
     for key, value in before["model"].items():  # no update happened
         assert torch.equal(value, after["model"][key]), key
     assert after["optimizers"]["predictor"]["state"][0]["step"] == before["optimizers"]["predictor"]["state"][0]["step"]
@@ -179,10 +179,10 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(dataset, tmp_path, monkey
     skipped = {r["step"]: r for r in records if r["split"] == "train" and r["step"] > 1}
     assert skipped[3]["nonfinite_skips"] == 2 and "loss" not in skipped[3]  # NaN never enters the averages
 
-    nan_steps.update({4, 5})  # (before the epoch ends at step 12, which would save)
-    with pytest.raises(NonFiniteError, match=r"step 5: 2 consecutive .*z_loss.*intact"):
+    nan_steps.add(4)  # the third in a row: the run saved at step 3 counts on (before the epoch ends at step 12)
+    with pytest.raises(NonFiniteError, match=r"step 4: 3 consecutive .*z_loss.*intact"):
         train(["--resume", str(tmp_path / "run"), "--training.max_steps", "10",
-               "--training.max_nonfinite_steps", "2"])
+               "--training.max_nonfinite_steps", "3"])
     assert load_checkpoint(tmp_path / "run")["step"] == 3  # the last good checkpoint, untouched
 
 

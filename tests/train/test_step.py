@@ -164,6 +164,16 @@ def test_step_stats_sum_on_the_device_and_skip_nonfinite_steps():
     assert after["means"] == {"loss": 4.0} and after["nonfinite"] == []
     assert (after["skips"], after["run"], after["longest"]) == (8, 0, 2)  # the run in progress at the read
     assert stats.read()["longest"] == 0
+    stats.add({"loss": torch.tensor(5.0), "copy_last_loss": torch.tensor(float("nan")), "finite": one})
+    side = stats.read()  # a non-finite side value of an applied step is reported, not averaged
+    assert side["means"] == {"loss": 5.0} and side["nonfinite"] == ["copy_last_loss"] and side["skips"] == 8
+
+
+def test_step_stats_of_a_resumed_run_continue_its_run_of_skips():
+    stats = StepStats(torch.device("cpu"), skips=4, run=2)
+    stats.add({"loss": torch.tensor(float("nan")), "finite": torch.zeros((), dtype=torch.bool)})
+    assert {k: v for k, v in stats.read().items() if k in ("skips", "run", "longest")} == \
+        {"skips": 5, "run": 3, "longest": 3}
 
 
 @pytest.fixture
