@@ -545,7 +545,7 @@ class Trainer:
                              f"{missing[:5]}, unexpected {unexpected[:5]} (check model.* and data.* settings)")
 
     # hyperparameters a resumed run may override (--optim.*): load_state_dict would restore the saved ones
-    OVERRIDABLE = ("lr", "weight_decay")
+    OVERRIDABLE = ("weight_decay",)  # (learning rates are set every step from the configured base rates)
 
     def _load_state(self, ckpt: dict) -> None:
         self._load_model_weights(ckpt["model"])
@@ -561,6 +561,10 @@ class Trainer:
                     if group[key] != value:
                         log.info("resume: %s optimiser %s %g -> %g (configured now)", name, key, group[key], value)
                         group[key] = value
+        saved_optim = ckpt.get("config", {}).get("optim", {})
+        for key, value in vars(self.cfg.optim).items():
+            if key.endswith("_lr") and saved_optim.get(key, value) != value:
+                log.info("resume: optim.%s %g -> %g (configured now)", key, saved_optim[key], value)
         self.step, self.epoch, self.batch_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]
         if "schedule" in ckpt:  # the curve the run started on (older checkpoints: constant, from the config)
             saved = Schedule(**ckpt["schedule"])

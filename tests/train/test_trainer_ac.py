@@ -1,5 +1,6 @@
 """End-to-end tests of the trainer with the AC predictor (model.predictor = "ac") on a tiny dataset."""
 import json
+import logging
 
 import pytest
 import torch
@@ -64,7 +65,7 @@ def test_learning_rate_follows_the_schedule(dataset, tmp_path):
     assert lr == pytest.approx(1e-3 * 0.5 * (1 + torch.cos(torch.tensor(0.75 * torch.pi)).item()), rel=1e-6)
 
 
-def test_ac_resume_continues_exactly_with_rollout_loss_and_schedule(dataset, tmp_path, monkeypatch):
+def test_ac_resume_continues_exactly_with_rollout_loss_and_schedule(dataset, tmp_path, monkeypatch, caplog):
     args = ["--training.epochs", "2", "--optim.schedule", "wsd", "--optim.warmup_steps", "3"]
     run(dataset, tmp_path / "full", *args)
     interrupt_at(monkeypatch, 5)
@@ -72,10 +73,21 @@ def test_ac_resume_continues_exactly_with_rollout_loss_and_schedule(dataset, tmp
         run(dataset, tmp_path / "cut", *args)
     monkeypatch.undo()
     assert load_checkpoint(tmp_path / "cut")["step"] == 5
-    train(["--resume", str(tmp_path / "cut")])
+    with caplog.at_level(logging.INFO, logger="dinowm"):
+        train(["--resume", str(tmp_path / "cut")])
     full, cut = train_losses(tmp_path / "full"), train_losses(tmp_path / "cut")
     assert sorted(full) == sorted(cut) and len(full) > 5
     assert all(full[s] == cut[s] for s in full), (full, cut)
+    assert "resumed at step 5" in caplog.text and "configured now" not in caplog.text  # the scheduled lr is no change
+
+
+def test_resume_with_another_learning_rate_says_so(dataset, tmp_path, caplog):
+    run(dataset, tmp_path / "a", "--training.max_steps", "1", "--optim.predictor_lr", "2e-3")
+    with caplog.at_level(logging.INFO, logger="dinowm"):
+        train(["--resume", str(tmp_path / "a"), "--training.max_steps", "2", "--optim.predictor_lr", "1e-5"])
+    assert "resume: optim.predictor_lr 0.002 -> 1e-05 (configured now)" in caplog.text
+    lr = load_checkpoint(tmp_path / "a")["optimizers"]["predictor"]["param_groups"][0]["lr"]
+    assert 0 < lr <= 1e-5  # the new base rate, times the schedule's factor (warmup) at that step
 
 
 def test_resume_refuses_another_schedule(dataset, tmp_path):
