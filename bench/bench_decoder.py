@@ -1,6 +1,6 @@
 """The VQ-VAE decoder's forward + backward at franka.toml shapes (batch 2 x 4 frames of 16x16 patches ->
 256 px; batch 32 on CUDA): NCHW vs channels_last activations and weights, fp32 and bf16 autocast. This is
-the measurement behind dinowm.perf.decoder_choices (the layout `configure` picks).
+the measurement behind dinowm.perf.configure's choice of channels_last.
 
     pytest bench/bench_decoder.py --benchmark-only          # extra_info: speedup_vs_nchw of channels_last
     pytest bench/bench_decoder.py --benchmark-disable       # once, at 2x2 patches (CI)

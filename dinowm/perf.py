@@ -4,9 +4,12 @@
 
 - CUDA: cudnn.benchmark (the decoder's convolutions have fixed shapes: the fastest algorithm is picked once);
   TF32 for fp32 matmuls and convolutions unless training.tf32 = false.
-- The decoder's convolutions run on channels_last activations where that is faster (measured: bench/
-  bench_decoder.py), and, under bf16 autocast on a CPU without bf16 instructions (AVX-512 BF16 or AMX), in
-  fp32, because there bf16 convolutions are emulated. Each choice is logged with its reason.
+- The decoder's convolutions run on channels_last activations and weights (faster on every device
+  measured: bench/bench_decoder.py), and, under bf16 autocast on a CPU without bf16 instructions
+  (AVX-512 BF16 or AMX), in fp32, because there bf16 convolutions are emulated. Logged with the reason.
+
+`SavedTensors` measures what these choices (and activation checkpointing) cost in activation memory
+(bench/bench_memory.py).
 """
 from __future__ import annotations
 
@@ -23,15 +26,13 @@ def cpu_has_bf16() -> bool:
     return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
-def decoder_choices(device: torch.device, dtype: torch.dtype) -> tuple[bool, bool, str]:
-    """-> (channels_last, fp32_convs, why) for the decoder on this device under this autocast dtype."""
+def decoder_fp32_convs(device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
+    """-> (fp32_convs, why): whether the decoder's convolutions leave bf16 autocast on this machine."""
+    if device.type == "cpu" and dtype != torch.float32 and not cpu_has_bf16():
+        return True, "CPU without bf16 instructions: bf16 convolutions would be emulated, so they run in fp32"
     if device.type == "cuda":
-        return True, False, "CUDA: cuDNN's NHWC convolutions (tensor cores under bf16)"
-    if dtype == torch.float32:
-        return True, False, "CPU fp32: oneDNN's blocked NHWC convolutions"
-    if cpu_has_bf16():
-        return True, False, "CPU bf16 with AVX-512 BF16 / AMX: oneDNN's native bf16 NHWC convolutions"
-    return True, True, "CPU without bf16 instructions: bf16 convolutions would be emulated, so they run in fp32"
+        return False, "CUDA: cuDNN's NHWC convolutions (tensor cores under bf16)"
+    return False, f"CPU {'fp32' if dtype == torch.float32 else 'bf16 with AVX-512 BF16 / AMX'}: oneDNN's NHWC convolutions"
 
 
 def configure(model, device: torch.device, dtype: torch.dtype, tf32: bool = True,
@@ -48,11 +49,12 @@ def configure(model, device: torch.device, dtype: torch.dtype, tf32: bool = True
     decoder = getattr(model, "decoder", None)
     if decoder is None:
         return
-    decoder.channels_last, decoder.fp32_convs, why = decoder_choices(device, dtype)
-    if decoder.channels_last:  # the weights too: otherwise every call reorders them (and their casts)
-        decoder.to(memory_format=torch.channels_last)
-    log.info("decoder: %s activations%s (%s)", "channels_last" if decoder.channels_last else "NCHW",
-             ", fp32 convolutions" if decoder.fp32_convs else "", why)
+    # channels_last is faster on every device measured (bench/bench_decoder.py); the weights too: otherwise
+    # every call reorders them (and their casts)
+    decoder.channels_last = True
+    decoder.to(memory_format=torch.channels_last)
+    decoder.fp32_convs, why = decoder_fp32_convs(device, dtype)
+    log.info("decoder: channels_last activations%s (%s)", ", fp32 convolutions" if decoder.fp32_convs else "", why)
 
 
 class SavedTensors:

@@ -160,6 +160,6 @@ def test_decoder_execution_choices_compute_the_same(dtype, monkeypatch):
     assert fp32.dtype == torch.float32
     # the probe: without bf16 instructions a bf16 run's convolutions run in fp32
     monkeypatch.setattr(perf, "cpu_has_bf16", lambda: False)
-    assert perf.decoder_choices(torch.device("cpu"), torch.bfloat16)[1] is True
+    assert perf.decoder_fp32_convs(torch.device("cpu"), torch.bfloat16)[0] is True
     monkeypatch.setattr(perf, "cpu_has_bf16", lambda: True)
-    assert perf.decoder_choices(torch.device("cpu"), torch.bfloat16)[1] is False
+    assert perf.decoder_fp32_convs(torch.device("cpu"), torch.bfloat16)[0] is False
