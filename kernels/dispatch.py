@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from . import flops  # noqa: F401  (registers the FLOP formulas of the CPU SDPA path `sdpa` runs)
 from . import reference
 from .common import interpreting
-from .frames import CHECKED_DTYPES, FrameLayout, as_layout
+from .frames import CHECKED_DTYPES, HEAD_DIMS, FrameLayout, as_layout
 
 log = logging.getLogger("kernels")
 
@@ -199,6 +199,10 @@ def _attention_blocker(backend: str, device_type: str, head_dim: int, dropout_p:
         blocker = _triton_blocker("kernels.attention", device_type)
         if blocker is None and head_dim > 64:
             blocker = f"head dim {head_dim} > 64 is not supported by the Triton kernel"
+        if blocker is None and device_type == "cuda" and head_dim not in HEAD_DIMS:
+            blocker = (f"head dim {head_dim}: the Triton kernel is compile-checked for head dims "
+                       f"{'/'.join(map(str, HEAD_DIMS))} only (python -m kernels.compile_check), "
+                       f"and an unchecked variant is never run")
         if blocker is None and device_type == "cuda" and dtype not in _CHECKED_DTYPE_NAMES:
             blocker = (f"{dtype} inputs: the Triton configurations are compile-checked for sm_80/sm_90 in "
                        f"{'/'.join(_CHECKED_DTYPE_NAMES)} only (python -m kernels.compile_check), "

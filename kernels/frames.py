@@ -59,7 +59,8 @@ def pad_head_dim(head_dim: int) -> int:
 def config_for(head_dim: int, dropout: bool = False) -> AttentionConfig:
     pad = pad_head_dim(head_dim)
     if (pad, dropout) not in CONFIGS:
-        raise ValueError(f"head dim {head_dim} unsupported by the Triton attention (max 64)")
+        raise ValueError(f"head dim {head_dim} unsupported by the Triton attention (max 64); use "
+                         f"model.attention_backend = sdpa")
     return CONFIGS[pad, dropout]
 
 

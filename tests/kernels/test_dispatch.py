@@ -50,6 +50,15 @@ def test_triton_refuses_large_head_dim():
         dispatch.resolve_attention("triton", q)
 
 
+def test_triton_on_cuda_runs_compile_checked_head_dims_only():
+    """On CUDA a head dim the compile check did not cover (a different HEAD_DIM constexpr) is refused, so
+    `auto` takes SDPA; the interpreter (CPU tests) runs any head dim up to 64."""
+    for head_dim in (16, 24, 32, 48, 64):
+        on_cuda = dispatch._attention_blocker("triton", "cuda", head_dim, 0.0, True, "bfloat16")
+        assert (on_cuda is None) == (head_dim in (24, 32, 64)), head_dim
+        assert dispatch._attention_blocker("triton", "cpu", head_dim, 0.0, True, "float32") is None
+
+
 @pytest.mark.parametrize("backend", ["flash", "xformers"])
 def test_flash_and_xformers_refused(backend):
     q, k, v, frame_ids = small_inputs()
