@@ -22,9 +22,9 @@ Variants of the same step (`TrainStep(..., compile=..., cuda_graphs=...)`):
                  gradient part (norm, guard, clip) are two torch.compile(fullgraph=True) regions. The
                  optimiser step is the fused multi-tensor kernel: torch.optim marks fused optimisers
                  torch.compiler.disable, it is already the compiled form of the update.
-    CUDA graphs  training.cuda_graphs = true (needs compile): the step without the decoded prediction is
-                 captured once into a torch.cuda.graph with static input buffers and replayed; logging
-                 steps (decode_prediction) run the compiled step unCaptured. Dropout stays random: torch's
+    CUDA graphs  training.cuda_graphs = true (eager or compiled): the step without the decoded prediction
+                 is captured once into a torch.cuda.graph with static input buffers and replayed; logging
+                 steps (decode_prediction) run uncaptured. Dropout stays random: torch's
                  generator advances its Philox offset per replay and the Triton attention's seed is device
                  state the forward advances in place (kernels/dropout.py).
 """
@@ -61,9 +61,10 @@ def build_optimizers(model, cfg) -> dict[str, torch.optim.Optimizer]:
 
 
 class TrainStep:
-    """One optimiser step on this rank's shard of a global batch: `step(inputs, step_index, decode_prediction,
-    **options)` (options: further model keywords, e.g. train_decoder) returns the model's outputs plus
-    `grad_norm` (before clipping) and `finite` (0-dim bool: the update was applied), all device tensors.
+    """One optimiser step on this rank's shard of a global batch: `train_step(inputs, step_index,
+    decode_prediction, **options)` (calling the instance; options: further model keywords, e.g.
+    train_decoder) returns the model's outputs plus `grad_norm` (before clipping) and `finite` (0-dim bool:
+    the update was applied), all device tensors.
 
     model: the module to train (the DDP wrapper under torchrun); optimizers: from build_optimizers;
     base_lrs / schedule: lr = base_lrs[name] * schedule.factor(step_index); dtype: autocast dtype;
@@ -102,7 +103,11 @@ class TrainStep:
             return self.step(inputs, decode_prediction, options, compiled=False)  # first step: compiled code can't
         if self.graph is not None and not decode_prediction:
             return self.graph(inputs, options)
-        return self.step(inputs, decode_prediction, options)
+        out = self.step(inputs, decode_prediction, options)
+        if self.graph is not None and self.graph.graphs:  # replays use the graphs' own gradient buffers:
+            for opt in self.optimizers.values():  # free this uncaptured step's instead of keeping a second set
+                opt.zero_grad(set_to_none=True)
+        return out
 
     def step(self, inputs: dict, decode_prediction: bool, options: dict, compiled: bool = True) -> dict:
         forward, gradients = (self.forward, self.gradients) if compiled else (self._forward, self._gradients)
