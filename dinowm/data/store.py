@@ -82,12 +82,12 @@ def free_device_bytes(device: torch.device) -> int | None:
 def place_windows(windows, device: torch.device) -> None:
     """Move every tensor the batches of these FrameWindows read to `device`, in place; tensors they share
     (the dataset's frame store) are moved once."""
-    moved: dict[int, torch.Tensor] = {}
+    moved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id -> (original, kept alive: ids stay unique)
 
     def move(x: torch.Tensor) -> torch.Tensor:
         if id(x) not in moved:
-            moved[id(x)] = x.to(device)
-        return moved[id(x)]
+            moved[id(x)] = x, x.to(device)
+        return moved[id(x)][1]
 
     for w in windows:
         if w is not None:
