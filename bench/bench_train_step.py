@@ -28,7 +28,6 @@ from dinowm.metrics import count_step_flops
 from dinowm.models.world_model import build_world_model
 from dinowm.schedule import Schedule
 from dinowm.step import TrainStep, build_optimizers
-from dinowm.trainer import base_learning_rates
 
 STEP_CONFIGS = {
     # (batch, overrides): franka.toml on a GPU uses batch 32; on 2 CPU cores batch 2 is what fits in time
@@ -100,7 +99,7 @@ def _setup(shape: str, variant: dict):
         model.train()
 
     if variant["fast"]:  # the trainer's step (dinowm/step.py): fused optimisers, no host sync
-        train_step = TrainStep(model, build_optimizers(model, cfg.optim), base_learning_rates(cfg.optim),
+        train_step = TrainStep(model, build_optimizers(model, cfg.optim),
                                Schedule.from_config(cfg.optim, 1000), device, variant["dtype"],
                                compile=variant.get("compile", False), cuda_graphs=variant.get("cuda_graphs", False),
                                backend="aot_eager" if shape == "tiny" else "inductor")  # tiny: no code generation

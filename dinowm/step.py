@@ -67,13 +67,14 @@ class TrainStep:
     the update was applied), all device tensors.
 
     model: the module to train (the DDP wrapper under torchrun); optimizers: from build_optimizers;
-    base_lrs / schedule: lr = base_lrs[name] * schedule.factor(step_index); dtype: autocast dtype;
+    schedule: lr = (the optimiser's configured lr) * schedule.factor(step_index); dtype: autocast dtype;
     backend: the torch.compile backend (the tests use aot_eager: the same graphs without code generation)."""
 
-    def __init__(self, model, optimizers: dict, base_lrs: dict, schedule, device: torch.device,
+    def __init__(self, model, optimizers: dict, schedule, device: torch.device,
                  dtype: torch.dtype = torch.float32, grad_clip: float = 0.0, compile: bool = False,
                  cuda_graphs: bool = False, backend: str = "inductor"):
-        self.model, self.optimizers, self.base_lrs, self.schedule = model, optimizers, base_lrs, schedule
+        self.model, self.optimizers, self.schedule = model, optimizers, schedule
+        self.base_lrs = {name: opt.defaults["lr"] for name, opt in optimizers.items()}  # as configured
         self.device, self.dtype, self.grad_clip = device, dtype, grad_clip
         self.params = [p for opt in optimizers.values() for g in opt.param_groups for p in g["params"]]
         self.found_inf = torch.zeros((), device=device)  # 1.0: the fused kernels skip this step

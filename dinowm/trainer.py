@@ -67,11 +67,6 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device(name)
 
 
-def base_learning_rates(cfg) -> dict[str, float]:
-    """Base learning rate per optimiser (scaled by the schedule every step)."""
-    return {"predictor": cfg.predictor_lr, "embeddings": cfg.embedding_lr, "decoder": cfg.decoder_lr}
-
-
 class Trainer:
     def __init__(self, cfg: Config, run_dir: str | Path, checkpoint: dict | None = None,
                  init_weights: dict | None = None):
@@ -113,7 +108,6 @@ class Trainer:
         self.step = self.epoch = self.batch_in_epoch = 0
         if cfg.model.encoder_weights:  # before a checkpoint is loaded: of the weights file given now
             self.fingerprints["encoder"] = fingerprint.weights_fingerprint(self.model.encoder)
-        self.base_lrs = base_learning_rates(cfg.optim)
         self.schedule = None  # fixed below from the run length, or restored from the checkpoint
         if init_weights is not None:
             self._load_model_weights(init_weights, init=True)
@@ -169,7 +163,7 @@ class Trainer:
         if t.cuda_graphs and self.dist.enabled:
             raise ConfigError("training.cuda_graphs = true is single-process (DDP's gradient all-reduce is not "
                               "captured); set --training.cuda_graphs false under torchrun")
-        self.train_step_fn = TrainStep(self.train_model, self.optimizers, self.base_lrs, self.schedule, self.device,
+        self.train_step_fn = TrainStep(self.train_model, self.optimizers, self.schedule, self.device,
                                        self.dtype, grad_clip=t.grad_clip, compile=t.compile,
                                        cuda_graphs=t.cuda_graphs)
         self._skips_reported = checkpoint.get("nonfinite_skips", 0) if checkpoint else 0

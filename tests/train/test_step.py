@@ -11,7 +11,6 @@ from dinowm.config import ConfigError, load_config
 from dinowm.models.world_model import build_world_model
 from dinowm.schedule import Schedule
 from dinowm.step import StepStats, TrainStep, build_optimizers
-from dinowm.trainer import base_learning_rates
 from franka_fixtures import write_franka_dataset
 
 TINY = ["--data.img_size", "32", "--model.encoder_image_size", "28", "--model.predictor_depth", "1",
@@ -36,7 +35,7 @@ def tiny(family: str, device="cpu", dropout=0.1, backend="reference", seed=0):
 
 
 def make_step(cfg, model, device="cpu", **kwargs) -> TrainStep:
-    return TrainStep(model, build_optimizers(model, cfg.optim), base_learning_rates(cfg.optim), SCHEDULE,
+    return TrainStep(model, build_optimizers(model, cfg.optim), SCHEDULE,
                      torch.device(device), **kwargs)
 
 
@@ -122,7 +121,8 @@ def test_grad_clip_bounds_the_norm_and_changes_the_update():
     out = plain(inputs, 0)
     decay = {"predictor": cfg.optim.predictor_weight_decay, "embeddings": cfg.optim.embedding_weight_decay,
              "decoder": 0.0}
-    opts = {name: reference[name](group, lr=SCHEDULE.factor(0) * base_learning_rates(cfg.optim)[name],
+    lrs = {"predictor": cfg.optim.predictor_lr, "embeddings": cfg.optim.embedding_lr, "decoder": cfg.optim.decoder_lr}
+    opts = {name: reference[name](group, lr=SCHEDULE.factor(0) * lrs[name],
                                    weight_decay=decay[name])
             for name, group in model.parameter_groups().items()}
     model.train()
