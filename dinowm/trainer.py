@@ -182,8 +182,9 @@ class Trainer:
         feature_shape = (encoder.num_patches, encoder.emb_dim) if t.feature_cache else None
         need = estimate_store_bytes(ds.frames.shape[0], ds.frames.shape[1:], feature_shape,
                                     CACHE_DTYPES[t.feature_cache_dtype])
-        plan = plan_store(self.cfg.data.device_store, self.device, need["total"], free_device_bytes(self.device),
-                          self.cfg.data.num_workers)
+        free = [f for f in distributed.all_gather_objects(free_device_bytes(self.device)) if f is not None]
+        plan = plan_store(self.cfg.data.device_store, self.device, need["total"], min(free) if free else None,
+                          self.cfg.data.num_workers)  # the least free memory of any rank: every rank places alike
         where = f"{self.device} memory" if plan.on_device else (
             "host memory, pinned non-blocking copies" if self.device.type == "cuda" else "host memory, DataLoader")
         log.info("data store: %s (frames %.2f GiB uint8 + feature cache %.2f GiB %s): %s", where,
