@@ -18,7 +18,7 @@ import torch
 
 from dinowm.config import load_config
 from dinowm.models.world_model import build_world_model
-from dinowm.planner import Context, GoalCost, Planner, PlannerSettings
+from dinowm.planner import Context, CostGraphs, GoalCost, Planner, PlannerSettings
 
 SHAPES = {
     "demo": (dict(samples=64, elites=8, horizon=5, iterations=3, restarts=8), []),
@@ -43,7 +43,7 @@ def _setup(shape: str, method: str, variant: dict, device):
                   torch.randn(n - 1, da, device=device))
     cost = GoalCost(model, ctx, torch.rand(3, s, s, device=device) * 2 - 1, None, da)
     planner = Planner(PlannerSettings(method=method, chunk=variant["chunk"], **settings), da, cfg.data.frameskip,
-                      device, variant["dtype"], variant.get("cuda_graphs", False))
+                      device, variant["dtype"], CostGraphs(device) if variant.get("cuda_graphs") else None)
     return (lambda: planner.plan(cost)), settings
 
 

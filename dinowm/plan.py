@@ -40,8 +40,8 @@ import torch
 from dinowm.data import FrameWindows, build_data, preprocess_images
 from dinowm.errors import run_cli
 from dinowm.eval import load_run
-from dinowm.planner import (Context, GoalCost, PlanError, Planner, PlannerSettings, expand_hold, mpc_episode,
-                           require_cuda_for_graphs)
+from dinowm.planner import (Context, CostGraphs, GoalCost, PlanError, Planner, PlannerSettings, expand_hold,
+                           mpc_episode)
 from dinowm.visualize import save_grid
 
 log = logging.getLogger("dinowm")
@@ -90,7 +90,7 @@ def plan_on_dataset(model, cfg, stats, args, methods, device) -> dict:
             results["dataset_actions"].append(float(cost(true_actions[None])[0]))
             results["random"].append(float(cost(random).mean()))
         for m in methods:
-            planner = Planner(settings_from_args(args, m), da, fs, device, args.torch_dtype, args.cuda_graphs)
+            planner = Planner(settings_from_args(args, m), da, fs, device, args.torch_dtype, args.graphs)
             out = planner.plan(cost, horizon=args.goal_steps)
             results[m].append(out["cost"])
             latency.setdefault(m, []).append(out["ms"])
@@ -260,7 +260,7 @@ def plan_in_sim(model, cfg, stats, args, methods, device, out: Path) -> dict:
             rows, labels = [], []
             for name in controllers:
                 planner = Planner(settings_from_args(args, name), 9 * fs, fs, device, args.torch_dtype,
-                                  args.cuda_graphs) if name in methods else None
+                                  args.graphs) if name in methods else None
                 result = run_controller(task, name, planner, model, device, args)
                 rows.append(preprocess_images(torch.stack(result.pop("frames")), args.sheet_px))
                 labels.append(f"{name} {100 * result['final_distance_m']:.1f} cm")
@@ -348,8 +348,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.episodes < 1 or args.goal_steps < 1 or args.execute < 1:
         raise PlanError("--episodes, --goal-steps and --execute must be >= 1")
     settings_from_args(args, methods[0])
-    if args.cuda_graphs:
-        require_cuda_for_graphs(args.device)
+    args.graphs = CostGraphs(args.device) if args.cuda_graphs else None  # shared by every planner of the run
     model, cfg, stats, _ = load_run(args.checkpoint, device=args.device)
     model.requires_grad_(False)  # planning differentiates with respect to the actions only
     out.mkdir(parents=True, exist_ok=True)
@@ -357,7 +356,7 @@ def main(argv: list[str] | None = None) -> dict:
         result = plan_in_sim(model, cfg, stats, args, methods, args.device, out)
     else:
         result = plan_on_dataset(model, cfg, stats, args, methods, args.device)
-    result["planner"] = {k: v for k, v in vars(args).items() if k != "torch_dtype"}
+    result["planner"] = {k: v for k, v in vars(args).items() if k not in ("torch_dtype", "graphs")}
     (out / "results.json").write_text(json.dumps(result, indent=2, default=float))
     print_summary(result, args)
     print(f"wrote {out / 'results.json'}" + (f" and {len(result['episodes'])} contact sheets in {out}"

@@ -24,10 +24,12 @@ with the unexecuted rest of the last plan), until the step budget is spent. Ever
 Speed: all candidates of an iteration are one batched rollout (the AC family's rollout reuses past
 frames' keys and values), under bf16 autocast when the planner's dtype says so, and nothing in an
 iteration reads a value to the host (the best candidate and the cost trace stay on the device until
-the re-plan ends). On CUDA, `cuda_graphs` captures each cost evaluation (CEM: the batched rollout and
+the re-plan ends). On CUDA, `graphs` (a CostGraphs) captures each cost evaluation (CEM: the batched rollout and
 cost; GD: those plus the gradient with respect to the actions) into a CUDA graph once per shape and
 replays it, with the candidates and the re-plan's context copied into the graph's static buffers: a
-re-plan costs a few graph launches instead of thousands of kernel launches from Python.
+re-plan costs a few graph launches instead of thousands of kernel launches from Python. The first
+re-plan of a shape pays the warm-up and the capture; plan() reports that apart (capture_ms), not in
+its latency; one CostGraphs shared by every planner of a run replays from then on.
 
 The model is only used through `dinowm.models.interface.WorldModel` (encode_visual / rollout / split).
 """
@@ -182,28 +184,31 @@ def expand_hold(actions: torch.Tensor, frameskip: int) -> torch.Tensor:
     return actions.repeat(1, 1, frameskip)
 
 
-def require_cuda_for_graphs(device) -> None:
-    if torch.device(device).type != "cuda":
-        raise PlanError(f"CUDA graphs need a CUDA device, and the planner runs on {device}; plan without "
-                        f"--cuda-graphs (or with --device cuda on a GPU)")
-
-
 class CostGraphs:
-    """CUDA graphs of the planner's cost evaluations (Planner(cuda_graphs=True)), one per evaluation and
-    shape (candidates, context, goal): the first call of a shape runs the evaluation WARMUP times on a
+    """CUDA graphs of the planner's cost evaluations (Planner(graphs=...)), one per evaluation and shape
+    (candidates, context, goal) and model: the first call of a shape runs the evaluation WARMUP times on a
     side stream (kernel autotuning, cached layouts, cuBLAS workspaces) and captures it, with a clone of
     the cost and of the candidates as static buffers. Every call copies its candidates and its cost's
-    tensors (a new GoalCost per re-plan) into those buffers and replays; returns copies of the outputs."""
+    tensors (a new GoalCost per re-plan) into those buffers and replays; returns copies of the outputs.
+    One instance may serve many planners (e.g. one per episode): each shape is captured once."""
 
     WARMUP = 2
 
-    def __init__(self):
+    def __init__(self, device):
+        if torch.device(device).type != "cuda":
+            raise PlanError(f"CUDA graphs need a CUDA device, and the planner runs on {device}; plan without "
+                            f"--cuda-graphs (or with --device cuda on a GPU)")
         self.graphs: dict[tuple, tuple] = {}  # key -> graph, static cost, static candidates, static outputs
+        self.capture_s = 0.0  # time spent warming up and capturing (kept out of the re-plan latency)
 
     def __call__(self, evaluate, cost: GoalCost, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        key = (evaluate.__name__, tuple(x.shape), cost.shapes())
+        key = (evaluate.__name__, tuple(x.shape), cost.shapes(), id(cost.model), cost.action_dim,
+               cost.proprio_weight)  # the Python values a capture bakes in
         if key not in self.graphs:
+            start = time.perf_counter()
             self.graphs[key] = self._capture(evaluate, cost, x)
+            torch.cuda.synchronize(x.device)
+            self.capture_s += time.perf_counter() - start
         graph, static_cost, static_x, out = self.graphs[key]
         static_cost.load_(cost)
         with torch.no_grad():
@@ -231,11 +236,11 @@ class CostGraphs:
 class Planner:
     """Optimises H-step action sequences (normalised, (H, Da)) for a GoalCost with CEM or GD.
 
-    dtype: bf16 runs the rollouts under autocast; cuda_graphs: replay captured cost evaluations
-    (CostGraphs; CUDA only)."""
+    dtype: bf16 runs the rollouts under autocast; graphs: a CostGraphs to replay the cost evaluations
+    from (CUDA)."""
 
     def __init__(self, settings: PlannerSettings, action_dim: int, frameskip: int, device="cpu",
-                 dtype: torch.dtype = torch.float32, cuda_graphs: bool = False):
+                 dtype: torch.dtype = torch.float32, graphs: CostGraphs | None = None):
         self.s = settings.validate()
         self.action_dim = action_dim
         self.frameskip = frameskip
@@ -243,9 +248,7 @@ class Planner:
             raise PlanError(f"action dim {action_dim} is not a multiple of frameskip {frameskip}")
         self.var_dim = action_dim // frameskip if settings.hold else action_dim
         self.device = torch.device(device)
-        if cuda_graphs:
-            require_cuda_for_graphs(self.device)
-        self.graphs = CostGraphs() if cuda_graphs else None
+        self.graphs = graphs
         self.dtype = dtype
         self.generator = torch.Generator(device="cpu").manual_seed(settings.seed)
         self.latencies_ms: list[float] = []
@@ -255,7 +258,10 @@ class Planner:
         return expand_hold(x, self.frameskip) if self.s.hold else x
 
     def _randn(self, *shape) -> torch.Tensor:
-        return torch.randn(*shape, generator=self.generator).to(self.device)
+        noise = torch.randn(*shape, generator=self.generator)  # the seeded CPU stream: the same plans anywhere
+        if self.device.type == "cuda":  # from pageable memory the copy would wait for the device
+            return noise.pin_memory().to(self.device, non_blocking=True)
+        return noise
 
     def _autocast(self):
         # a captured evaluation must not keep autocast's cache of cast weights (it would hold the capture's)
@@ -292,28 +298,32 @@ class Planner:
             mu[:k] = warm_start[:k].to(self.device)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        t = time.perf_counter()
+        t, captured = time.perf_counter(), self._capture_s()
         best, trace = self._cem(cost, mu) if self.s.method == "cem" else self._gd(cost, mu)
         trace = torch.stack(trace).tolist()  # the re-plan's one host read; trace[-1] is the best cost
-        ms = (time.perf_counter() - t) * 1e3
+        capture_ms = (self._capture_s() - captured) * 1e3  # first use of a shape: warm-up and CUDA-graph capture
+        ms = (time.perf_counter() - t) * 1e3 - capture_ms
         self.latencies_ms.append(ms)
         return {"actions": self._full(best[None])[0], "raw": best.clamp(-self.s.action_clip, self.s.action_clip),
-                "cost": trace[-1], "ms": ms, "trace": trace}
+                "cost": trace[-1], "ms": ms, "capture_ms": capture_ms, "trace": trace}
+
+    def _capture_s(self) -> float:
+        return self.graphs.capture_s if self.graphs is not None else 0.0
 
     def _cem(self, cost: GoalCost, mu: torch.Tensor):
         s = self.s
         sigma = torch.full_like(mu, s.init_std)
         best, best_cost, trace = mu, torch.full((), float("inf"), device=mu.device), []
-        for _ in range(s.iterations):
-            x = mu[None] + sigma[None] * self._randn(s.samples, *mu.shape)  # (N, H, d)
+        noise = self._randn(s.iterations, s.samples, *mu.shape)  # one copy to the device per re-plan
+        for i in range(s.iterations):
+            x = mu[None] + sigma[None] * noise[i]  # (N, H, d)
             x[0] = mu  # the current mean is always a candidate
             x = x.clamp(-s.action_clip, s.action_clip)
-            costs = self._batched_costs(cost, x)  # (N,)
-            order = torch.argsort(costs)
-            elite = x[order[:s.elites]]
+            costs, order = torch.sort(self._batched_costs(cost, x))  # (N,): no value leaves the device
+            elite = x.index_select(0, order[:s.elites])
             mu, sigma = elite.mean(0), elite.std(0, correction=0) + 1e-3
-            better = costs[order[0]] < best_cost
-            best, best_cost = torch.where(better, x[order[0]], best), torch.minimum(costs[order[0]], best_cost)
+            best = torch.where(costs[0] < best_cost, elite[0], best)
+            best_cost = torch.minimum(costs[0], best_cost)
             trace.append(best_cost)
         return best, trace
 
@@ -330,10 +340,9 @@ class Planner:
             with torch.no_grad():
                 x.clamp_(-s.action_clip, s.action_clip)
             trace.append(costs.min())
-        final = self._batched_costs(cost, x.detach())
-        i = torch.argmin(final)
-        trace.append(final[i])
-        return x.detach()[i], trace
+        final, i = self._batched_costs(cost, x.detach()).min(0)
+        trace.append(final)
+        return x.detach().index_select(0, i[None])[0], trace
 
 
 def mpc_episode(planner: Planner, make_cost, execute_fn, steps: int, execute: int = 1) -> dict:

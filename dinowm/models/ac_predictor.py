@@ -224,9 +224,8 @@ class ACPredictor(nn.Module):
         if first_frame == 0 and name in self.layouts:
             return self.layouts[name]
         key = (first_frame, num_frames, str(device), permuted)
-        if key not in self._extra_layouts:
-            if len(self._extra_layouts) > 64:  # rollouts of many lengths: keep the cache bounded
-                self._extra_layouts.clear()
+        if key not in self._extra_layouts:  # never evicted: a CUDA graph of a rollout reads them by address
+            # (one per step of the longest rollout, each (N, head_dim) RoPE tables and frame ids: kilobytes)
             self._extra_layouts[key] = self._build_layout(first_frame, num_frames, permuted).to(device)
         return self._extra_layouts[key]
 
