@@ -270,7 +270,14 @@ def psnr(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def ssim(pred: torch.Tensor, target: torch.Tensor, window: int = 11, sigma: float = 1.5) -> torch.Tensor:
-    """Structural similarity per image (Gaussian window 11, sigma 1.5, K1 0.01, K2 0.03) on [0, 1]: (N,)."""
+    """Structural similarity per image (Gaussian window 11, sigma 1.5, K1 0.01, K2 0.03) on [0, 1]: (N,).
+    Always fp32, also inside a bf16 autocast region: the variances are differences of blurred squares of
+    the size of c2, which bf16 convolutions would round away."""
+    with torch.autocast(pred.device.type, enabled=False):
+        return _ssim(pred, target, window, sigma)
+
+
+def _ssim(pred: torch.Tensor, target: torch.Tensor, window: int, sigma: float) -> torch.Tensor:
     p = (pred.float().clamp(-1, 1) + 1) / 2
     t = (target.float() + 1) / 2
     channels = p.shape[1]

@@ -45,6 +45,16 @@ def test_ssim_matches_scikit_image_on_a_fixed_pair():
     assert ours == pytest.approx(value, abs=1e-5)
 
 
+def test_ssim_and_psnr_inside_bf16_autocast_equal_fp32():
+    """The trainer and the evaluator call them inside the run's autocast region."""
+    g = torch.Generator().manual_seed(1)
+    target = torch.rand(2, 3, 32, 32, generator=g) * 2 - 1
+    pred = (target + 0.1 * torch.randn(target.shape, generator=g)).clamp(-1, 1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        in_autocast = ssim(pred, target), psnr(pred, target)
+    torch.testing.assert_close(in_autocast, (ssim(pred, target), psnr(pred, target)), rtol=1e-6, atol=1e-6)
+
+
 def test_ssim_is_one_for_identical_images_and_falls_with_noise():
     g = torch.Generator().manual_seed(0)
     target = torch.rand(2, 3, 32, 32, generator=g) * 2 - 1
