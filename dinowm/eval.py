@@ -237,9 +237,12 @@ def evaluate(model, cfg: Config, windows: FrameWindows, horizon: int, max_sample
         averages["model"].add(errors)
         if twin is not None:
             averages["untrained"].add(twin)
-    shown = idx[torch.tensor([len(idx) // 4, (3 * len(idx)) // 4])]  # two windows far apart for the grid
-    obs, errors, twin = run(shown)
-    first = {"obs": obs.cpu(), "decoded": errors["decoded"].cpu(), "twin": None if twin is None else twin["decoded"].cpu()}
+    first = None  # the image grid needs a decoder
+    if "decoded" in errors:
+        shown = idx[torch.tensor([len(idx) // 4, (3 * len(idx)) // 4])]  # two windows far apart for the grid
+        obs, errors, twin = run(shown)
+        first = {"obs": obs.cpu(), "decoded": errors["decoded"].cpu(),
+                 "twin": None if twin is None else twin["decoded"].cpu()}
     means = averages["model"].means()
     if untrained is not None:
         means["untrained"] = averages["untrained"].means()["model"]

@@ -102,6 +102,8 @@ def test_ac_without_decoder(dataset, tmp_path):
     val = records(out, "val")[0]
     assert "rollout_h1_z_visual_l1" in val and "rollout_h1_psnr" not in val and "val_decoder_recon_loss" not in val
     assert set(load_checkpoint(out)["optimizers"]) == {"predictor"}
+    result = evaluate_main([str(out), "--horizon", "2", "--max-samples", "2"])  # latent metrics; no image grid
+    assert len(result["metrics"]["model"]["z_visual_mse"]) == 2 and not (out / "eval" / "rollout_grid.png").exists()
 
 
 @pytest.mark.parametrize("family", ["vit", "ac"])
