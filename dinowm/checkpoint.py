@@ -147,11 +147,17 @@ def capture_rng_state(model=None) -> dict:
              "numpy": {"algorithm": algorithm, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
                        "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
              "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available():  # the training device's only: a resume may see other or fewer GPUs
+        state["cuda"] = torch.cuda.get_rng_state(_cuda_device(model))
     if model is not None:
         state["dropout_seeds"] = dropout.get_states(model)
     return state
+
+
+def _cuda_device(model) -> torch.device:
+    """The CUDA device whose generator the run draws from: the model's, else the current one."""
+    device = next(model.parameters()).device if model is not None else None
+    return device if device is not None and device.type == "cuda" else torch.device("cuda", torch.cuda.current_device())
 
 
 def restore_rng_state(state: dict, model=None) -> None:
@@ -164,6 +170,10 @@ def restore_rng_state(state: dict, model=None) -> None:
                          n["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        device = _cuda_device(model)
+        saved = state["cuda"]
+        if isinstance(saved, list):  # older checkpoints: one state per GPU visible then
+            saved = saved[device.index] if device.index < len(saved) else saved[0]
+        torch.cuda.set_rng_state(saved, device)
     if model is not None and "dropout_seeds" in state:
         dropout.set_states(model, state["dropout_seeds"])
