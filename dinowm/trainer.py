@@ -17,6 +17,7 @@ run shows at a glance whether it predicts better than doing nothing.
 from __future__ import annotations
 
 import logging
+import re
 import warnings
 from collections import defaultdict
 from pathlib import Path
@@ -65,6 +66,9 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"training.device = {name!r} but no CUDA device is available; use --training.device cpu")
     return torch.device(name)
+
+
+NUMBERED_CHECKPOINT = re.compile(r"model_(?:(?P<epoch>\d+)|step(?P<step>\d+))\.pt")
 
 
 class Trainer:
@@ -512,13 +516,14 @@ class Trainer:
         return path
 
     def _prune_checkpoints(self, folder: Path) -> None:
-        """Keep the newest checkpoint.keep_last numbered copies (by training step); model_latest.pt always stays."""
+        """Keep the newest checkpoint.keep_last numbered copies (model_<epoch>.pt, model_step<N>.pt; ordered by
+        the training step their names say, not by file times, which copies reset); model_latest.pt and any
+        other file stay."""
         keep = self.cfg.checkpoint.keep_last
-        numbered = [p for p in folder.glob("model_*.pt") if p.name != "model_latest.pt"]
-        if not keep or len(numbered) <= keep:
-            return
-        numbered.sort(key=lambda p: p.stat().st_mtime_ns)
-        for p in numbered[:-keep]:
+        names = {p: NUMBERED_CHECKPOINT.fullmatch(p.name) for p in folder.glob("model_*.pt")}
+        numbered = sorted((p for p, m in names.items() if m), key=lambda p: (
+            int(names[p]["step"]) if names[p]["step"] else int(names[p]["epoch"]) * len(self.train_loader)))
+        for p in numbered[:-keep] if keep else []:
             p.unlink(missing_ok=True)
 
     def _load_model_weights(self, weights: dict, init: bool = False) -> None:

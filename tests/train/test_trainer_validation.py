@@ -1,8 +1,11 @@
 """Validation and checkpoints every N steps, max_steps past the last epoch, keep-last-K, copy-last logged."""
 import json
+import os
+from types import SimpleNamespace
 
 from dinowm.checkpoint import load_checkpoint
 from dinowm.cli import train
+from dinowm.trainer import Trainer
 from franka_fixtures import write_franka_dataset
 from tiny_run import TINY_RUN
 
@@ -26,3 +29,16 @@ def test_every_n_steps_past_the_epochs_keeping_the_last_k(tmp_path):
     assert val["val_z_visual_ratio_to_copy_last"] == val["val_z_visual_loss"] / val["val_copy_last_z_visual_loss"]
     numbered = sorted(p.name for p in (out / "checkpoints").glob("model_*.pt") if p.name != "model_latest.pt")
     assert len(numbered) == 2 and "model_step6.pt" in numbered and "model_step2.pt" not in numbered  # newest 2
+
+
+def test_pruning_keeps_the_newest_by_step_whatever_the_file_times(tmp_path):
+    """Epoch copies count as epoch x steps per epoch; file times (reset by cp/rsync) do not matter; files
+    the user put there (model_best.pt) and model_latest.pt stay."""
+    names = ["model_step8.pt", "model_1.pt", "model_step2.pt", "model_best.pt", "model_latest.pt"]
+    for age, name in enumerate(names):  # the newest by step written first: the oldest file time
+        (tmp_path / name).write_bytes(b"x")
+        os.utime(tmp_path / name, (1000 + age, 1000 + age))
+    trainer = SimpleNamespace(cfg=SimpleNamespace(checkpoint=SimpleNamespace(keep_last=2)), train_loader=range(6))
+    Trainer._prune_checkpoints(trainer, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model_1.pt", "model_best.pt", "model_latest.pt",
+                                                         "model_step8.pt"]
