@@ -354,7 +354,8 @@ class Trainer:
         self.model.eval()
         self._validated_at = self.step
         sums, count, first = defaultdict(float), 0, None
-        n_pred, bs = self.cfg.data.num_pred, self.cfg.training.batch_size
+        # batches of the per-rank training size (the memory a rank has shown to have), dealt round robin
+        n_pred, bs = self.cfg.data.num_pred, max(1, self.cfg.training.batch_size // self.dist.world_size)
         for i, start in enumerate(range(0, len(self.val_indices), bs)):
             if i % self.dist.world_size != self.dist.rank:
                 continue
@@ -364,8 +365,9 @@ class Trainer:
                 inputs["visual"] = self.model.encode_visual(inputs["obs"])
             with self._autocast():
                 out = self.model(**inputs, decode_prediction=True)
-            visual = inputs["visual"].float()
-            out["copy_last_z_visual_loss"] = F.mse_loss(visual[:, :-n_pred], visual[:, n_pred:])  # frame f as f + num_pred
+            if "z_visual_loss" in out:  # DINO-WM's MSE on the features (the AC family reports its copy_last_loss)
+                visual = inputs["visual"].float()
+                out["copy_last_z_visual_loss"] = F.mse_loss(visual[:, :-n_pred], visual[:, n_pred:])  # f as f + num_pred
             n = batch["obs"].shape[0]
             for k, v in out.items():
                 if k.endswith("loss"):

@@ -45,6 +45,7 @@ def test_ac_run_writes_losses_baseline_rollout_metrics_and_schedule(dataset, tmp
                 "rollout_h1_z_visual_l1", "rollout_h2_z_visual_err", "rollout_h2_psnr", "rollout_h1_ssim"):
         assert key in val[0] and val[0][key] == val[0][key], key
     assert "rollout_h1_z_proprio_err" not in val[0]  # the AC latent has no proprio part
+    assert "val_copy_last_z_visual_loss" not in val[0]  # DINO-WM's baseline; AC's is val_copy_last_loss
     ckpt = load_checkpoint(out)
     assert set(ckpt["optimizers"]) == {"predictor", "decoder"}
     assert ckpt["schedule"]["kind"] == "cosine" and ckpt["schedule"]["total_steps"] == ckpt["step"]
