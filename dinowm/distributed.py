@@ -133,10 +133,13 @@ def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
 
 
 def mean_over_ranks(values: dict) -> dict:
-    """{name: float} averaged over ranks (every rank must pass the same names; no-op alone)."""
-    if not current().enabled or not values:
+    """{name: float} averaged over the ranks that have the name (a rank may lack one, e.g. a loss that was
+    non-finite on that rank alone); no-op alone. Collective: every rank must call it."""
+    if not current().enabled:
         return values
-    names = sorted(values)
-    t = torch.tensor([values[k] for k in names], dtype=torch.float64)
+    names = sorted({k for rank_names in all_gather_objects(sorted(values)) for k in rank_names})
+    if not names:
+        return {}
+    t = torch.tensor([[values.get(k, 0.0) for k in names], [float(k in values) for k in names]], dtype=torch.float64)
     dist.all_reduce(t, op=dist.ReduceOp.SUM, group=_control_group)
-    return {k: float(v) / dist.get_world_size() for k, v in zip(names, t)}
+    return {k: float(total) / float(n) for k, total, n in zip(names, t[0], t[1])}
