@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from dinowm import fingerprint
 from dinowm.checkpoint import load_checkpoint
 from dinowm.config import Config, apply_values, config_from_dict, parse_overrides
 from dinowm.data import FrameWindows, build_data, preprocess_images
@@ -152,6 +153,8 @@ def load_model_weights(model: torch.nn.Module, weights: dict, source: str) -> No
 
 def load_run(path: str | Path, overrides: dict | None = None, device: str = "cpu"):
     """A checkpoint (or run folder) -> (model in eval mode, Config, NormStats, checkpoint dict)."""
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise EvalError(f"--device {device} but no CUDA device is available here; use --device cpu")
     ckpt = load_checkpoint(path)
     if "config" not in ckpt or "norm_stats" not in ckpt:
         raise EvalError(f"{path}: the checkpoint has no config/normalisation statistics (weights-only files, e.g. "
@@ -166,6 +169,11 @@ def load_run(path: str | Path, overrides: dict | None = None, device: str = "cpu
         raise EvalError(f"{path}: {e}") from None
     model = build_model(cfg, device, action_dim=run_action_dim(ckpt))
     load_model_weights(model, ckpt["model"], str(path))
+    trained_with = ckpt.get("fingerprints", {}).get("encoder")
+    if trained_with is not None and trained_with != fingerprint.weights_fingerprint(model.encoder):
+        raise EvalError(f"{path}: model.encoder_weights {cfg.model.encoder_weights!r} is not the encoder this run was "
+                        f"trained with (weights sha256 differ); give the original weights file with "
+                        f"--model.encoder_weights PATH")
     return model.eval(), cfg, stats, ckpt
 
 
@@ -325,9 +333,11 @@ def main(argv: list[str] | None = None) -> dict:
     if args.horizon < 1:
         raise EvalError(f"--horizon {args.horizon} must be >= 1")
     overrides = parse_overrides(rest)
-    unknown = [f"{s}.{k}" for s, keys in overrides.items() for k in keys if (s, k) != ("data", "path")]
+    unknown = [f"{s}.{k}" for s, keys in overrides.items() for k in keys
+               if (s, k) not in (("data", "path"), ("model", "encoder_weights"))]
     if unknown:
-        raise EvalError(f"only --data.path can be overridden for evaluation, not {', '.join(unknown)}")
+        raise EvalError(f"only --data.path and --model.encoder_weights (a moved weights file) can be overridden "
+                        f"for evaluation, not {', '.join(unknown)}")
     model, cfg, stats, ckpt = load_run(args.checkpoint, overrides, args.device)
     own = "data" not in overrides or Path(overrides["data"]["path"]).resolve() == Path(ckpt["config"]["data"]["path"]).resolve()
     windows, episodes = evaluation_windows(cfg, stats, args.horizon, own_dataset=own, context=model.context_frames)

@@ -79,6 +79,8 @@ def test_cli_errors_are_one_line(tiny_run, tmp_path, capsys):
     line = cli_error(capsys, ev.main, tiny_run, "--data.path", tmp_path / "nothing", "--out", tmp_path / "e")
     assert "nothing" in line
     assert "only --data.path" in cli_error(capsys, ev.main, tiny_run, "--model.predictor_depth", "2")
+    if not torch.cuda.is_available():
+        assert "no CUDA device" in cli_error(capsys, ev.main, tiny_run, "--device", "cuda", "--out", tmp_path / "e")
     ckpt = load_checkpoint(tiny_run)
     ckpt["config"]["model"]["predictor_depth"] = 2  # weights of a depth-1 predictor
     atomic_save(ckpt, tmp_path / "bad.pt")

@@ -219,6 +219,11 @@ def test_resume_checks_dataset_and_encoder_fingerprints(dataset, tmp_path):
     torch.save(weights, moved_encoder)
     with pytest.raises(CheckpointError, match="differs from the encoder this run was trained with"):
         train(["--resume", str(tmp_path / "run"), "--model.encoder_weights", str(moved_encoder)])
+    from dinowm.eval import EvalError, main as evaluate  # the evaluation checks the encoder too
+
+    with pytest.raises(EvalError, match="is not the encoder this run was trained with"):
+        evaluate([str(tmp_path / "run"), "--model.encoder_weights", str(moved_encoder), "--horizon", "1",
+                  "--max-samples", "2", "--no-untrained", "--out", str(tmp_path / "eval")])
     with pytest.raises(CheckpointError, match="randomly initialised encoder"):
         train(["--resume", str(tmp_path / "run"), "--model.encoder_weights", ""])
 
