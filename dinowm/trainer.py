@@ -171,6 +171,7 @@ class Trainer:
                                        self.dtype, grad_clip=t.grad_clip, compile=t.compile,
                                        cuda_graphs=t.cuda_graphs)
         self._skips_reported = checkpoint.get("nonfinite_skips", 0) if checkpoint else 0
+        self.flops_per_sample = checkpoint.get("flops_per_sample") if checkpoint else None  # see fit()
         self.stats = StepStats(self.device, skips=self._skips_reported,  # losses and skips, on the device
                                run=checkpoint.get("nonfinite_run", 0) if checkpoint else 0)
         self.sink = MetricSink(self.run_dir, cfg.to_dict(), cfg.logging.tensorboard, cfg.logging.wandb,
@@ -242,7 +243,9 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.training
         steps_per_epoch = len(self.train_loader)
         total_steps = self.total_steps()  # max_steps wins, past `epochs` if need be
-        timer = StepTimer(self.device, devices=self.dist.world_size)
+        # the FLOPs are counted on the first step of a run (uncompiled: FlopCounterMode); a resumed run keeps
+        # the count, so its next step runs the compiled path as it would have without the interruption
+        timer = StepTimer(self.device, flops_per_sample=self.flops_per_sample, devices=self.dist.world_size)
         gpu = GpuMonitor.for_device(self.device)
         last = {}
         bar = tqdm(total=total_steps, initial=self.step, desc="train", unit="step",
@@ -257,6 +260,7 @@ class Trainer:
                     timer.data_ready()
                     log_step = (self.step + 1) % cfg.logging.every_steps == 0
                     out = timer.run_step(lambda: self.train_step(batch, log_step), batch["obs"].shape[0])
+                    self.flops_per_sample = timer.flops_per_sample
                     self.step += 1
                     self.batch_in_epoch += 1
                     timer.step_done(batch["obs"].shape[0] * self.dist.world_size)  # samples of the global batch
@@ -497,6 +501,7 @@ class Trainer:
             "world_size": self.dist.world_size,
             "nonfinite_skips": skips["skips"],
             "nonfinite_run": skips["run"],  # skipped in a row when saved: the limit counts on after a resume
+            "flops_per_sample": self.flops_per_sample,
             "fingerprints": self.fingerprints,
             "schedule": self.schedule.to_dict(),
             "data_widths": self.data_widths,

@@ -95,6 +95,7 @@ def test_resume_continues_exactly(dataset, tmp_path, monkeypatch):
         train(["--resume", str(tmp_path / "cut"), "--training.max_steps", "16"])
     ckpt = load_checkpoint(tmp_path / "cut")
     assert (ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]) == (12, 1, 0)  # the epoch was finished first
+    assert ckpt["flops_per_sample"] > 0  # counted once per run (on an uncompiled first step), kept on resume
     assert (tmp_path / "cut" / "checkpoints" / "model_1.pt").exists()
     monkeypatch.undo()
     train(["--resume", str(tmp_path / "cut"), "--training.max_steps", "16"])
