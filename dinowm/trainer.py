@@ -536,11 +536,12 @@ class Trainer:
     def _load_model_weights(self, weights: dict, init: bool = False) -> None:
         """Load model weights; the frozen encoder's may be absent (it comes from model.encoder_weights), and
         when starting a run (init) from weights without any decoder (an imported predictor), the decoder's."""
+        source = "the --init-from weights" if init else f"the --resume checkpoint of {self.run_dir}"
         try:
             missing, unexpected = self.model.load_state_dict(weights, strict=False)
         except RuntimeError as e:  # shape mismatches
-            raise CheckpointError(f"the checkpoint's weights do not fit the configured model (check model.* and "
-                             f"data.* settings): {str(e).splitlines()[-1].strip()}") from None
+            raise CheckpointError(f"{source}: its weights do not fit the configured model (check model.* and "
+                                  f"data.* settings): {str(e).splitlines()[-1].strip()}") from None
         optional = ("encoder.",)
         if init and not any(k.startswith("decoder.") for k in weights):
             optional += ("decoder.",)
@@ -548,8 +549,8 @@ class Trainer:
                 log.info("init: the weights hold no decoder; the decoder starts from its initialisation")
         missing = [k for k in missing if not k.startswith(optional)]
         if missing or unexpected:
-            raise CheckpointError(f"the checkpoint's weights do not match the configured model: missing "
-                             f"{missing[:5]}, unexpected {unexpected[:5]} (check model.* and data.* settings)")
+            raise CheckpointError(f"{source}: its weights do not match the configured model: missing "
+                                  f"{missing[:5]}, unexpected {unexpected[:5]} (check model.* and data.* settings)")
 
     # hyperparameters a resumed run may override (--optim.*): load_state_dict would restore the saved ones
     OVERRIDABLE = ("weight_decay",)  # (learning rates are set every step from the configured base rates)

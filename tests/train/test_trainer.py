@@ -150,6 +150,9 @@ def test_init_from_weights_only_checkpoint(dataset, tmp_path):
     train(["--config", "demo.toml", "--data.path", str(dataset), "--data.demo_episodes", "0",
                 "--out", str(tmp_path / "c"), "--init-from", str(converted), "--training.max_steps", "1", *TINY])
     assert load_checkpoint(tmp_path / "c")["step"] == 1
+    with pytest.raises(CheckpointError, match=r"the --init-from weights: its weights do not fit .*model\.\*"):
+        train(["--config", "demo.toml", "--data.path", str(dataset), "--data.demo_episodes", "0", "--out",
+               str(tmp_path / "d"), "--init-from", str(converted), *TINY, "--model.predictor_mlp_dim", "32"])
 
 
 def test_resume_refuses_to_change_what_defines_the_run(dataset, tmp_path):
