@@ -158,7 +158,9 @@ class Trainer:
             place_windows([self.data.train, self.data.val, self.rollout_windows], self.device)
         self.rollout_indices = (sample_indices(len(self.rollout_windows), e.rollout_samples, t.seed)
                                 if self.rollout_windows is not None else None)
-        self._validated_at = None
+        # the steps of the last validation and save (a resumed finished run is not validated again)
+        self._validated_at = checkpoint.get("validated_at") if checkpoint else None
+        self._saved_at = None
         if self.schedule is None:
             self.schedule = Schedule.from_config(cfg.optim, self.total_steps())
         if t.cuda_graphs and self.device.type != "cuda":
@@ -289,7 +291,8 @@ class Trainer:
                     if cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0 and self._validated_at != self.step:
                         with timer.excluded():
                             self.validate(images=False)
-                    if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0:
+                    if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0 \
+                            and self._saved_at != self.step:  # (an epoch end saved this step already)
                         with timer.excluded():
                             self.save(keep_as=f"step{self.step}" if cfg.checkpoint.keep_epochs else None)
                     if distributed.any_rank(stop.requested):  # all ranks stop after the same step
@@ -502,6 +505,7 @@ class Trainer:
             "nonfinite_skips": skips["skips"],
             "nonfinite_run": skips["run"],  # skipped in a row when saved: the limit counts on after a resume
             "flops_per_sample": self.flops_per_sample,
+            "validated_at": self._validated_at,
             "fingerprints": self.fingerprints,
             "schedule": self.schedule.to_dict(),
             "data_widths": self.data_widths,
@@ -513,6 +517,7 @@ class Trainer:
         folder = self.run_dir / "checkpoints"
         path = folder / "model_latest.pt"
         rng = distributed.all_gather_objects(capture_rng_state(self.model))
+        self._saved_at = self.step  # on every rank: it decides whether the next (collective) save is called
         if not self.dist.main:
             return path
         state = self.state(rng, skips)
