@@ -114,6 +114,10 @@ class Trainer:
             self.fingerprints["encoder"] = fingerprint.weights_fingerprint(self.model.encoder)
         self.schedule = None  # fixed below from the run length, or restored from the checkpoint
         if init_weights is not None:
+            if cfg.model.encoder_weights and any(k.startswith("encoder.") for k in init_weights):
+                # the frozen encoder is the weights file's (checkpoints leave it out and reload the file)
+                log.info("init: model.encoder_weights is set: the encoder weights in the --init-from file are not used")
+                init_weights = {k: v for k, v in init_weights.items() if not k.startswith("encoder.")}
             self._load_model_weights(init_weights, init=True)
         if checkpoint:
             self._load_state(checkpoint)
