@@ -189,3 +189,21 @@ def test_resume_rejects_a_second_config(dataset, tmp_path):
 def test_missing_data_path_is_one_clear_error(tmp_path):
     with pytest.raises(DatasetError, match="data.path"):
         train(["--config", "franka.toml", "--out", str(tmp_path / "run")])
+
+
+def test_init_from_keeps_the_encoder_of_the_weights_file(dataset, tmp_path):
+    """--init-from a run that stored its random encoder, now with model.encoder_weights: the file's encoder is
+    trained with (checkpoints leave it out and reload the file; the file's keys must not be overwritten)."""
+    from dinowm.config import load_config
+    from dinowm.models.world_model import build_world_model
+    from dinowm.trainer import Trainer
+
+    run(dataset, tmp_path / "a", "--training.max_steps", "1")  # a random encoder, stored in its checkpoint
+    cfg = load_config("demo.toml", ["--data.path", str(dataset), "--data.demo_episodes", "0", *TINY])
+    torch.manual_seed(1)
+    encoder_file = tmp_path / "dinov2.pth"
+    torch.save(build_world_model(cfg.model, cfg.data).encoder.state_dict(), encoder_file)
+    cfg.model.encoder_weights = str(encoder_file)
+    trainer = Trainer(cfg, tmp_path / "b", init_weights=load_checkpoint(tmp_path / "a")["model"])
+    want = torch.load(encoder_file)
+    assert all(torch.equal(v, want[k]) for k, v in trainer.model.encoder.state_dict().items())
