@@ -65,7 +65,8 @@ def horizon_errors(model: WorldModel, obs: torch.Tensor, proprio: torch.Tensor, 
 
     obs (B, n + H, 3, S, S) in [-1, 1], proprio (B, n + H, Dp), action (B, n + H, Da), n = model.context_frames;
     visual: optional encoder features (B, n + H, P, D) (then obs is only needed for images). Returns {"model": {metric: (B, H)},
-    "copy_last": {...}} (copy_last only if asked), plus "decoded" (B, H, 3, S, S) of the model when images.
+    "copy_last": {...}} (copy_last only if asked), plus "decoded" (B, H, 3, S, S) of the model when images
+    (and "copy_last_decoded", the decoded last context frame the baseline's PSNR/SSIM are of).
     """
     n = model.context_frames
     if visual is None:
@@ -95,8 +96,7 @@ def horizon_errors(model: WorldModel, obs: torch.Tensor, proprio: torch.Tensor, 
             decoded = decoded.expand(-1, horizon, *decoded.shape[2:]).flatten(0, 1)
             errors["psnr"] = psnr(decoded, target).unflatten(0, (-1, horizon))
             errors["ssim"] = ssim(decoded, target).unflatten(0, (-1, horizon))
-            if name == "model":
-                out["decoded"] = decoded.unflatten(0, (-1, horizon))
+            out["decoded" if name == "model" else f"{name}_decoded"] = decoded.unflatten(0, (-1, horizon))
         out[name] = errors
     return out
 
@@ -111,7 +111,7 @@ class HorizonAverages:
     def add(self, errors: dict) -> None:
         """errors: {predictor: {metric: (B, H)}} from horizon_errors."""
         for name, metrics in errors.items():
-            if name == "decoded":
+            if name.endswith("decoded"):  # images, not metrics
                 continue
             for metric, values in metrics.items():
                 s = values.sum(0).double().cpu()
@@ -249,7 +249,7 @@ def evaluate(model, cfg: Config, windows: FrameWindows, horizon: int, max_sample
     if "decoded" in errors:
         shown = idx[torch.tensor([len(idx) // 4, (3 * len(idx)) // 4])]  # two windows far apart for the grid
         obs, errors, twin = run(shown)
-        first = {"obs": obs.cpu(), "decoded": errors["decoded"].cpu(),
+        first = {"obs": obs.cpu(), "decoded": errors["decoded"].cpu(), "copy_last": errors["copy_last_decoded"].cpu(),
                  "twin": None if twin is None else twin["decoded"].cpu()}
     means = averages["model"].means()
     if untrained is not None:
@@ -308,8 +308,8 @@ def write_outputs(result: dict, out: Path, num_hist: int) -> dict:
             if twin is not None:
                 rows.append(torch.cat([blank, twin[i]]))
                 labels.append(f"untrained #{i}")
-            rows.append(torch.cat([blank, obs[i, num_hist - 1:num_hist].expand(horizon, -1, -1, -1)]))
-            labels.append(f"copy-last #{i}")
+            rows.append(torch.cat([blank, first["copy_last"][i]]))  # what its PSNR / SSIM are of
+            labels.append(f"copy-last (decoded) #{i}")
         files["grid"] = save_grid(rows, out / "rollout_grid.png", labels, cols,
                                   title="open-loop rollout from held-out windows")
     return files

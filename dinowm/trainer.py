@@ -7,7 +7,7 @@ A run folder holds:
     checkpoints/            model_latest.pt (+ the newest checkpoint.keep_last of model_<epoch>.pt /
                             model_step<N>.pt), written atomically
     train/ valid/           labelled PNG grids: ground truth | reconstruction | prediction
-    rollout/                labelled PNG grids: ground truth | open-loop rollout | copy-last
+    rollout/                labelled PNG grids: ground truth | open-loop rollout | copy-last (decoded)
 
 Every validation also logs the copy-last-frame baseline (the last context frame repeated) on the same
 samples (`val_copy_last_z_visual_loss`, `rollout_h<h>_copy_last_z_visual_err`, and their ratios), so a
@@ -447,7 +447,7 @@ class Trainer:
                                         visual=inputs.get("visual"))
             averages.add(errors)
             if shown is None and "decoded" in errors:  # a model without a decoder has no images
-                shown = (inputs["obs"][0], errors["decoded"][0])
+                shown = (inputs["obs"][0], errors["decoded"][0], errors["copy_last_decoded"][0])
         means = averages.means()
         results = {}
         for name, prefix in (("model", "rollout"), ("copy_last", "rollout_copy_last")):
@@ -460,12 +460,11 @@ class Trainer:
             results[f"rollout_h{h}_ratio_to_copy_last"] = (results[f"rollout_h{h}_z_visual_err"]
                                                            / max(results[f"rollout_h{h}_copy_last_z_visual_err"], 1e-12))
         if images and shown is not None:
-            obs, decoded = shown
+            obs, decoded, copy_last = shown  # copy-last decoded: what its PSNR / SSIM are of
             blank = torch.ones_like(obs[:num_hist])
-            save_grid([obs, torch.cat([blank, decoded.float()]),
-                       torch.cat([blank, obs[num_hist - 1:num_hist].expand(horizon, -1, -1, -1)])],
+            save_grid([obs, torch.cat([blank, decoded.float()]), torch.cat([blank, copy_last.float()])],
                       self.run_dir / "rollout" / f"rollout_e{self.epoch:05d}.png",
-                      ["ground truth", "rollout", "copy-last"], _frame_labels(num_hist, horizon),
+                      ["ground truth", "rollout", "copy-last (decoded)"], _frame_labels(num_hist, horizon),
                       title=f"open-loop rollout, epoch {self.epoch} step {self.step}")
         return results
 
