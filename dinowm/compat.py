@@ -41,6 +41,7 @@ import copyreg
 import importlib
 import pickle
 import types
+import zipfile
 from pathlib import Path
 
 import torch
@@ -258,6 +259,17 @@ def _infer(model: dict, num_frames: int | None) -> dict:
 # ----------------------------------------------------------------------------------------------
 # public API
 # ----------------------------------------------------------------------------------------------
+def _is_torchscript_archive(path: Path) -> bool:
+    """A zip holding constants.pkl: what torch.load dispatches to torch.jit.load, past any pickle_module."""
+    if not zipfile.is_zipfile(path):
+        return False
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.rsplit("/", 1)[-1] == "constants.pkl" for name in archive.namelist())
+    except zipfile.BadZipFile:
+        return False  # torch.load reports it
+
+
 def import_dino_wm_checkpoint(path, num_frames: int | None = None, allow_classes=()) -> dict:
     """Read an original DINO-WM checkpoint into our format (see the module docstring).
 
@@ -270,6 +282,9 @@ def import_dino_wm_checkpoint(path, num_frames: int | None = None, allow_classes
     path = Path(path)
     if not path.is_file():
         raise CompatError(f"{path}: no such file")
+    if _is_torchscript_archive(path):  # torch.load would hand it to torch.jit.load: its code would run
+        raise CompatError(f"{path}: a TorchScript archive, not a DINO-WM checkpoint; refusing to load it (its "
+                          f"code would run)")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_pickle_module(allow_classes))
     except _UnknownClass as e:

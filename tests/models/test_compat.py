@@ -297,3 +297,35 @@ def test_ambiguous_frame_count_is_an_error_not_a_guess():
     with pytest.raises(ValueError, match="pass --num-frames"):
         _infer(model, None)
     assert _infer(model, 3)["num_patches"] == 4
+
+
+class _ScriptedWriter(torch.nn.Module):
+    """Its TorchScript __setstate__ would write `self.target` when the archive is loaded."""
+
+    def __init__(self, target: str):
+        super().__init__()
+        self.target = target
+
+    def forward(self, x):
+        return x
+
+    @torch.jit.export
+    def __getstate__(self) -> tuple[str, bool]:
+        return self.target, self.training
+
+    @torch.jit.export
+    def __setstate__(self, state: tuple[str, bool]) -> None:
+        self.target = state[0]
+        self.training = state[1]
+        torch.save(torch.zeros(1), self.target)
+
+
+def test_a_torchscript_archive_is_refused_before_its_code_runs(tmp_path):
+    """torch.load(weights_only=False) hands such a zip to torch.jit.load, past the restricted unpickler, and
+    the archive's __setstate__ runs (it writes the marker; checked by hand with torch 2.13)."""
+    marker, path = tmp_path / "marker.pt", tmp_path / "scripted.pth"
+    torch.jit.save(torch.jit.script(_ScriptedWriter(str(marker))), path)
+    assert marker.exists() is False
+    with pytest.raises(CompatError, match=r"scripted\.pth: a TorchScript archive.*refusing"):
+        import_dino_wm_checkpoint(path)
+    assert not marker.exists()
