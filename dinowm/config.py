@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -258,7 +260,8 @@ class Config:
         _check(0 <= d.proprio_start < d.proprio_end <= (d.state_dim or d.proprio_end), "data.proprio_end", d.proprio_end,
                f"proprio must be a non-empty slice of the {d.state_dim or 'D'} state dims")
         _check_choice("data.normalization", d.normalization, ("train", "compat"))
-        _check(d.img_size % 16 == 0, "data.img_size", d.img_size, "must be a multiple of 16 (the decoder upsamples 16x)")
+        _check(d.img_size >= 16 and d.img_size % 16 == 0, "data.img_size", d.img_size,
+               "must be a positive multiple of 16 (the decoder upsamples 16x)")
         _check(m.encoder_image_size % 14 == 0, "model.encoder_image_size", m.encoder_image_size,
                "must be a multiple of the patch size 14 (224 -> 16x16 patches, 196 -> 14x14)")
         _check_choice("model.predictor", m.predictor, ("vit", "ac"))
@@ -299,7 +302,7 @@ class Config:
         _check(0 <= t.decoder_frames <= d.num_hist + d.num_pred, "training.decoder_frames", t.decoder_frames,
                f"must be between 0 (all frames) and the {d.num_hist + d.num_pred} frames of a sample")
         _check(t.decoder_every_steps >= 1, "training.decoder_every_steps", t.decoder_every_steps, "must be >= 1")
-        _check(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"), "training.device",
+        _check(re.fullmatch(r"auto|cpu|cuda(:\d+)?", t.device) is not None, "training.device",
                t.device, "must be auto, cpu, cuda or cuda:N")
         for key in ("data.demo_frames", "model.action_emb_dim", "model.proprio_emb_dim", "model.predictor_depth",
                     "model.predictor_heads", "model.predictor_dim_head", "model.predictor_mlp_dim",
@@ -359,13 +362,16 @@ def _coerce(value, typ, key: str):
             except ValueError:
                 pass
     elif typ is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None and math.isfinite(number):  # inf / nan pass every range check and break training
+            return number
     elif typ is str:
         if isinstance(value, str):
             return value
@@ -435,7 +441,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
         try:
             with open(file, "rb") as f:
                 apply_values(cfg, tomllib.load(f), str(file))
-        except tomllib.TOMLDecodeError as e:
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"{file}: invalid TOML: {e}") from None
     if overrides:
         values = parse_overrides(overrides) if isinstance(overrides, list) else overrides

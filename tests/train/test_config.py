@@ -34,6 +34,10 @@ def test_overrides_take_precedence_and_are_coerced():
     (["--data.num_pred", "4"], "data.num_pred"),
     (["--training.epochs"], "needs a value"),
     (["epochs=3"], "expected --section.key value"),
+    (["--optim.predictor_lr", "inf"], "optim.predictor_lr = 'inf' is not a valid float"),
+    (["--training.grad_clip", "nan"], "training.grad_clip = 'nan' is not a valid float"),
+    (["--data.img_size", "0"], "data.img_size"),
+    (["--training.device", "cudax"], "training.device"),
 ])
 def test_bad_values_give_one_clear_error(args, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -44,6 +48,13 @@ def test_unknown_key_in_toml_names_the_file(tmp_path):
     path = tmp_path / "bad.toml"
     path.write_text("[data]\nframe_skip = 3\n")
     with pytest.raises(ConfigError, match=r"bad.toml: unknown key data.frame_skip \(did you mean 'frameskip'\?\)"):
+        load_config(path)
+
+
+def test_a_config_that_is_not_utf8_names_the_file(tmp_path):
+    path = tmp_path / "latin1.toml"
+    path.write_bytes("[data]\npath = 'Daten/Würfel'\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1.toml: invalid TOML"):
         load_config(path)
 
 
