@@ -92,7 +92,12 @@ class Trainer:
         self.dtype = torch.bfloat16 if t.dtype == "bf16" else torch.float32
 
         # data: statistics come from the checkpoint when resuming, so evaluation sees the same scale
-        stats = NormStats.from_dict(checkpoint["norm_stats"]) if checkpoint else None
+        stats = None
+        if checkpoint:
+            try:
+                stats = NormStats.from_dict(checkpoint.get("norm_stats", {}))
+            except ValueError as e:
+                raise CheckpointError(f"the --resume checkpoint of {run_dir}: {e}") from None
         self.data = build_data(cfg.data, stats=stats)
         log.info("data: %d training / %d validation episodes, %d / %d samples",
                  len(self.data.train_ids), len(self.data.val_ids), len(self.data.train), len(self.data.val))

@@ -60,7 +60,13 @@ class NormStats:
         missing = [k for k in _FIELDS if k not in d]
         if missing:
             raise ValueError(f"normalisation statistics: missing {', '.join(missing)} (have {', '.join(map(str, d))})")
-        values = {k: torch.as_tensor(d[k], dtype=torch.float32).detach().cpu().clone().reshape(-1) for k in _FIELDS}
+        values = {}
+        for k in _FIELDS:
+            try:
+                values[k] = torch.as_tensor(d[k], dtype=torch.float32).detach().cpu().clone().reshape(-1)
+            except (TypeError, ValueError, RuntimeError):
+                raise ValueError(f"normalisation statistics: {k} is not a list of numbers "
+                                 f"({type(d[k]).__name__})") from None
         stats = cls(**values)
         stats.check()
         return stats

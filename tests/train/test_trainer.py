@@ -207,3 +207,14 @@ def test_init_from_keeps_the_encoder_of_the_weights_file(dataset, tmp_path):
     trainer = Trainer(cfg, tmp_path / "b", init_weights=load_checkpoint(tmp_path / "a")["model"])
     want = torch.load(encoder_file)
     assert all(torch.equal(v, want[k]) for k, v in trainer.model.encoder.state_dict().items())
+
+
+def test_resume_from_corrupt_statistics_is_one_line(dataset, tmp_path):
+    from dinowm.checkpoint import atomic_save
+
+    run(dataset, tmp_path / "a", "--training.max_steps", "1")
+    ckpt = load_checkpoint(tmp_path / "a")
+    ckpt["norm_stats"]["action_mean"] = "abc"
+    atomic_save(ckpt, tmp_path / "a" / "checkpoints" / "model_latest.pt")
+    with pytest.raises(CheckpointError, match=r"--resume checkpoint of .*a: normalisation statistics: action_mean is not"):
+        train(["--resume", str(tmp_path / "a"), "--training.max_steps", "2"])
