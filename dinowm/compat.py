@@ -306,19 +306,29 @@ def import_dino_wm_checkpoint(path, num_frames: int | None = None, allow_classes
             continue
         if not _is_module(ckpt[entry]):
             raise CompatError(f"{path}: entry {entry!r} is a {type(ckpt[entry]).__name__}, not a pickled module")
-        state = _state_dict(ckpt[entry])
+        try:
+            state = _state_dict(ckpt[entry])
+        except (TypeError, AttributeError, ValueError) as e:  # a child that is no module, a parameter no tensor
+            raise CompatError(f"{path}: entry {entry!r} does not hold a model's weights ({type(e).__name__}: "
+                              f"{e})") from None
         if entry == "encoder":  # models.dino.DinoV2Encoder: base_model.<official DINOv2 keys>
             state = {k.removeprefix("base_model."): v for k, v in state.items()}
         model.update({f"{entry}.{k}": v for k, v in state.items()})
+    if num_frames is not None and num_frames < 1:
+        raise CompatError(f"--num-frames {num_frames} must be >= 1")
     try:
         inferred = _infer(model, num_frames)
-    except (KeyError, ValueError) as e:
+    except (KeyError, ValueError, IndexError) as e:
         raise CompatError(f"{path}: unexpected DINO-WM model layout ({type(e).__name__}: {e})") from None
     epoch = ckpt["epoch"]
+    try:
+        epoch = int(epoch.item() if isinstance(epoch, torch.Tensor) else epoch)
+    except (TypeError, ValueError, RuntimeError):
+        raise CompatError(f"{path}: its 'epoch' entry is not a number ({type(epoch).__name__})") from None
     return {
         "format": CHECKPOINT_FORMAT,
         "source": str(path),
-        "epoch": int(epoch.item() if isinstance(epoch, torch.Tensor) else epoch),
+        "epoch": epoch,
         "model": model,
         "inferred": inferred,
     }

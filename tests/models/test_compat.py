@@ -253,6 +253,8 @@ def test_errors_name_the_file(original, tmp_path, capsys):
     assert "pwned" not in capsys.readouterr().out
     with pytest.raises(CompatError, match=r"missing\.pth: no such file"):
         import_dino_wm_checkpoint(tmp_path / "missing.pth")
+    with pytest.raises(CompatError, match=r"--num-frames 0 must be >= 1"):
+        import_dino_wm_checkpoint(original[0], num_frames=0)
     with pytest.raises(SystemExit) as exit_info:
         run_cli(main, ["import-dino-wm", str(bad), "--out", str(tmp_path / "x.pt")])
     assert exit_info.value.code == 2
