@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dinowm.errors import UserError
+from dinowm.models.encoder import VARIANTS as ENCODER_VARIANTS
 from kernels.dispatch import ATTENTION_BACKENDS, SIMPLE_BACKENDS
 
 if sys.version_info >= (3, 11):
@@ -275,9 +276,11 @@ class Config:
                    f"must be a multiple of model.ac_heads = {m.ac_heads}")
             _check(m.ac_mlp_ratio > 0, "model.ac_mlp_ratio", m.ac_mlp_ratio, "must be > 0")
         _check_choice("model.concat_dim", m.concat_dim, (0, 1))
-        if m.concat_dim == 0:
-            _check(m.action_emb_dim == m.proprio_emb_dim == 384, "model.action_emb_dim", m.action_emb_dim,
-                   "with concat_dim = 0 the action and proprio embeddings are tokens: both dims must be 384")
+        if m.concat_dim == 0 and m.encoder in ENCODER_VARIANTS:
+            width = ENCODER_VARIANTS[m.encoder][0]
+            _check(m.action_emb_dim == m.proprio_emb_dim == width, "model.action_emb_dim", m.action_emb_dim,
+                   f"with concat_dim = 0 the action and proprio embeddings are tokens: model.action_emb_dim and "
+                   f"model.proprio_emb_dim must both be the {m.encoder} encoder's width {width}")
         _check_choice("model.attention_backend", m.attention_backend, ATTENTION_BACKENDS)
         _check_choice("model.layernorm_linear_backend", m.layernorm_linear_backend, SIMPLE_BACKENDS)
         _check_choice("model.embedding_backend", m.embedding_backend, SIMPLE_BACKENDS)

@@ -38,6 +38,8 @@ def test_overrides_take_precedence_and_are_coerced():
     (["--training.grad_clip", "nan"], "training.grad_clip = 'nan' is not a valid float"),
     (["--data.img_size", "0"], "data.img_size"),
     (["--training.device", "cudax"], "training.device"),
+    (["--model.encoder", "vitb14", "--model.concat_dim", "0", "--model.action_emb_dim", "384",
+      "--model.proprio_emb_dim", "384"], "must both be the vitb14 encoder's width 768"),
 ])
 def test_bad_values_give_one_clear_error(args, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
