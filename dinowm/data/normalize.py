@@ -5,10 +5,13 @@
 Statistics are computed over the VALID steps of episodes only (padding rows past seq_lengths excluded),
 in float64, and stored as float32:
 
-- mode "train" (ours): over the given training episodes, population std (divide by n), std floor 1e-6.
+- mode "train" (ours): over the given training episodes, population std (divide by n).
 - mode "compat" (the original): over ALL episodes (validation included, `episode_ids` ignored), unbiased
-  std (divide by n - 1). The floor 1e-6 is applied here too: without it a constant dimension (e.g. a
-  finger target that never moves) divides by zero, a defect, and the floor changes nothing otherwise.
+  std (divide by n - 1).
+
+In both modes a dimension that is constant over those steps (std < 1e-6, e.g. a finger target that never
+moves) gets std 1: it is centred, not scaled. The original divides by zero there; a tiny floor instead
+would multiply any later value that differs (validation, planning) by up to a million.
 
 States are not normalised. The statistics travel with every checkpoint (`to_dict` / `from_dict`) so
 evaluation and rollouts reuse them.
@@ -22,7 +25,7 @@ from torch import Tensor
 
 from .dataset import FrankaDataset
 
-STD_FLOOR = 1e-6
+STD_FLOOR = 1e-6  # below it a dimension counts as constant: std 1
 MODES = ("train", "compat")
 _FIELDS = ("action_mean", "action_std", "proprio_mean", "proprio_std")
 
@@ -109,7 +112,8 @@ def compute_norm_stats(ds: FrankaDataset, episode_ids, proprio_slice: slice, mod
         raise ValueError("normalisation mode 'compat' (unbiased std) needs at least 2 valid steps in total")
 
     def mean_std(x: Tensor) -> tuple[Tensor, Tensor]:
-        std = x.std(dim=0, correction=correction).clamp_min(STD_FLOOR)
+        std = x.std(dim=0, correction=correction)
+        std = torch.where(std < STD_FLOOR, torch.ones_like(std), std)  # constant: centred, not scaled
         return x.mean(dim=0).float(), std.float()
 
     am, asd = mean_std(actions)

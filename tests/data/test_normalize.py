@@ -63,16 +63,18 @@ def test_compat_mode_matches_numpy_over_all_episodes(make_franka_dataset):
 
 
 @pytest.mark.parametrize("mode", ["train", "compat"])
-def test_std_floor(make_franka_dataset, mode):
+def test_a_constant_dimension_is_centred_not_scaled(make_franka_dataset, mode):
     ds = _random_dataset(make_franka_dataset)
     ds.actions[..., 7:] = 0.0  # fingers never move: std 0
     ds.states[..., 1] = 0.5
     stats = compute_norm_stats(ds, [0, 1], slice(0, 3), mode=mode)
-    assert torch.equal(stats.action_std[7:], torch.full((2,), STD_FLOOR, dtype=torch.float32))
-    assert stats.proprio_std[1] == torch.tensor(STD_FLOOR, dtype=torch.float32)
-    assert (stats.action_std[:7] > 1e-3).all()
+    assert torch.equal(stats.action_std[7:], torch.ones(2)) and stats.proprio_std[1] == 1.0
+    assert (stats.action_std[:7] > STD_FLOOR).all()
     normed = stats.normalize_action(ds.actions[0, :5])
     assert torch.isfinite(normed).all() and (normed[:, 7:] == 0).all()
+    moved = ds.actions[0, :1].clone()
+    moved[:, 7] = 0.01  # a finger that moves later (validation, planning) stays at its own scale
+    assert stats.normalize_action(moved)[0, 7] == pytest.approx(0.01)
 
 
 def test_padding_is_excluded(make_franka_dataset):
