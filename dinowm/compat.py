@@ -23,8 +23,8 @@ instead: `find_class` maps
 so no code of the checkpoint runs. The state dicts are rebuilt from the stand-ins (non-persistent
 buffers and plain tensor attributes, like the original's CUDA attention mask, are dropped).
 
-Output (our checkpoint format; the trainer loads "model" with `load_state_dict(strict=False)`;
-encoder keys are absent unless the original trained the encoder):
+Output (our checkpoint format; `train.py --init-from` loads "model" and refuses missing or unexpected
+keys, except the encoder's, which are absent unless the original trained the encoder):
 
     {"format": "dinowm/1", "source": str, "epoch": int,
      "model": {"predictor.<key>": t, "decoder.<key>": t, "action_encoder.patch_embed.weight": t, ...},

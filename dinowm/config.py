@@ -256,10 +256,11 @@ class Config:
         _check(d.num_hist >= 1, "data.num_hist", d.num_hist, "must be >= 1")
         _check(1 <= d.num_pred <= d.num_hist, "data.num_pred", d.num_pred, "must be between 1 and data.num_hist")
         _check(0.0 < d.split_ratio < 1.0, "data.split_ratio", d.split_ratio, "must be in (0, 1)")
-        _check(d.state_dim >= 0 and d.action_dim >= 0, "data.state_dim", (d.state_dim, d.action_dim),
-               "data.state_dim and data.action_dim must be >= 0 (0: the width of the files)")
-        _check(0 <= d.proprio_start < d.proprio_end <= (d.state_dim or d.proprio_end), "data.proprio_end", d.proprio_end,
-               f"proprio must be a non-empty slice of the {d.state_dim or 'D'} state dims")
+        _check(d.state_dim >= 0, "data.state_dim", d.state_dim, "must be >= 0 (0: the width of the files)")
+        _check(d.action_dim >= 0, "data.action_dim", d.action_dim, "must be >= 0 (0: the width of the files)")
+        _check(d.proprio_start >= 0, "data.proprio_start", d.proprio_start, "must be >= 0")
+        _check(d.proprio_start < d.proprio_end <= (d.state_dim or d.proprio_end), "data.proprio_end", d.proprio_end,
+               f"proprio must be a non-empty slice data.proprio_start:proprio_end of the {d.state_dim or 'D'} state dims")
         _check_choice("data.normalization", d.normalization, ("train", "compat"))
         _check(d.img_size >= 16 and d.img_size % 16 == 0, "data.img_size", d.img_size,
                "must be a positive multiple of 16 (the decoder upsamples 16x)")

@@ -126,7 +126,8 @@ def _load_tensor(path: Path):
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise DatasetError(f"{path}: file missing; every episode i < N needs <root>/{{i:06d}}/obses.pth") from None
+        raise DatasetError(f"{path}: file missing (a Franka-format dataset folder holds states.pth, actions.pth, "
+                           f"seq_lengths.pkl and <i:06d>/obses.pth for every episode i)") from None
     except Exception as e:  # unpickling errors come in many types
         raise DatasetError(f"{path}: cannot be read as a torch file ({type(e).__name__}: {_first_line(e)}); "
                            f"the file is corrupt, not written with torch.save, or holds objects other than tensors: "
