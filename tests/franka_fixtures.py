@@ -151,4 +151,7 @@ CASES = {
     "corrupt seq_lengths": (lambda r: _garbage(r, "seq_lengths.pkl"), "seq_lengths.pkl", "corrupt"),
     "corrupt metadata": (lambda r: _truncate(r, "metadata.pkl"), "metadata.pkl", "corrupt"),
     "corrupt obses": (lambda r: _truncate(r, "000002/obses.pth"), "000002/obses.pth", "corrupt"),
+    "obses of zero size": (lambda r: _save(r, "000001/obses.pth", _obses(r, 1)[:, :0, :0]),
+                           "000001/obses.pth", "(T, H, W, 3)"),
+    "sparse states": (lambda r: _with_states(r, lambda s: s.to_sparse()), "states.pth", "save a dense one"),
 }

@@ -134,6 +134,8 @@ def _load_tensor(path: Path):
                            f"re-export it as torch.save(tensor, path)") from None
     if isinstance(obj, np.ndarray):
         obj = torch.from_numpy(obj)
+    if isinstance(obj, Tensor) and obj.layout != torch.strided:
+        raise DatasetError(f"{path}: a {obj.layout} tensor; save a dense one (torch.save(x.to_dense(), path))")
     if not isinstance(obj, Tensor):
         raise DatasetError(f"{path}: expected a tensor, got {type(obj).__name__}; save it with torch.save(tensor, path)")
     return obj
@@ -159,8 +161,9 @@ def _load_array(path: Path, name: str, dim: int, key: str) -> Tensor:
                            f"re-export it in the Franka format (docs/contract.md §1)")
     if not (x.is_floating_point() or x.dtype in (torch.int32, torch.int64)):
         raise DatasetError(f"{path}: {name} must be float32, got {x.dtype}; re-export it as float32")
-    if x.shape[0] < 1 or x.shape[1] < 1:
-        raise DatasetError(f"{path}: {name} is empty (shape {tuple(x.shape)}); the dataset needs at least one episode")
+    if x.shape[0] < 1 or x.shape[1] < 1 or x.shape[2] < 1:
+        raise DatasetError(f"{path}: {name} is empty (shape {tuple(x.shape)}); the dataset needs at least one episode "
+                           f"of at least one step with at least one value")
     return x.to(torch.float32).contiguous()
 
 
@@ -210,7 +213,7 @@ def _load_frames(root: Path, lengths: list[int], total: int) -> Tensor:
         if obs.dtype != torch.uint8:
             raise DatasetError(f"{path}: frames must be uint8 RGB, got {obs.dtype}; convert with "
                                f"(x * 255).round().clamp(0, 255).to(torch.uint8) if they are floats in [0, 1]")
-        if obs.dim() != 4 or obs.shape[-1] != 3:
+        if obs.dim() != 4 or obs.shape[-1] != 3 or obs.shape[1] < 1 or obs.shape[2] < 1:
             raise DatasetError(f"{path}: frames must have shape (T, H, W, 3) (RGB, channels last), got "
                                f"{tuple(obs.shape)}; permute channels-first frames with x.permute(0, 2, 3, 1)")
         if obs.shape[0] != t:
