@@ -20,6 +20,7 @@ length depends on num_frames and frameskip): `FrameWindows` warns about and coun
 from __future__ import annotations
 
 import numbers
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,6 +115,11 @@ def load_franka_dataset(root: str | Path, load_frames: bool = True, state_dim: i
     offsets = torch.zeros(n + 1, dtype=torch.int64)
     offsets[1:] = torch.cumsum(torch.tensor(seq_lengths, dtype=torch.int64), 0)
     frames = _load_frames(root, seq_lengths, int(offsets[-1])) if load_frames else None
+    extra = sorted(d.name for d in root.iterdir() if d.is_dir() and len(d.name) == 6 and d.name.isdigit()
+                   and int(d.name) >= n)
+    if extra:
+        warnings.warn(f"{root}: {len(extra)} episode folder(s) from {extra[0]} on are not in states.pth / actions.pth "
+                      f"({n} episodes) and are ignored; re-export the arrays if they belong to the dataset")
     return FrankaDataset(root=root, states=states, actions=actions, seq_lengths=seq_lengths,
                          metadata=metadata, frames=frames, frame_offsets=offsets)
 
@@ -126,8 +132,8 @@ def _load_tensor(path: Path):
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise DatasetError(f"{path}: file missing (a Franka-format dataset folder holds states.pth, actions.pth, "
-                           f"seq_lengths.pkl and <i:06d>/obses.pth for every episode i)") from None
+        raise DatasetError(f"{path}: file missing (a Franka-format dataset folder holds {', '.join(REQUIRED_FILES)} "
+                           f"and NNNNNN/obses.pth for every episode)") from None
     except Exception as e:  # unpickling errors come in many types
         raise DatasetError(f"{path}: cannot be read as a torch file ({type(e).__name__}: {_first_line(e)}); "
                            f"the file is corrupt, not written with torch.save, or holds objects other than tensors: "

@@ -174,3 +174,10 @@ print("episodes", data.dataset.num_episodes, "frames", data.dataset.frames.shape
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split()[-4:] == ["episodes", "2", "frames", "80"]
+
+
+def test_episode_folders_beyond_the_arrays_are_named(make_franka_dataset):
+    root = make_franka_dataset()  # 3 episodes
+    (root / "000003").mkdir()
+    with pytest.warns(UserWarning, match=r"1 episode folder\(s\) from 000003 on are not in states.pth"):
+        assert load_franka_dataset(root).num_episodes == 3
