@@ -29,7 +29,8 @@ keys, except the encoder's, which are absent unless the original trained the enc
     {"format": "dinowm/1", "source": str, "epoch": int,
      "model": {"predictor.<key>": t, "decoder.<key>": t, "action_encoder.patch_embed.weight": t, ...},
      "inferred": {"num_patches", "num_frames", "dim", "action_in", "proprio_in", "action_emb_dim",
-                  "proprio_emb_dim", "concat_dim", "depth", "inner_dim", "mlp_dim", "decoder_n_embed"}}
+                  "proprio_emb_dim", "concat_dim", "depth", "inner_dim", "mlp_dim", "decoder_n_embed"},
+     "notes": [what the weights cannot tell, e.g. the head split]}
 
 written atomically (`dinowm.checkpoint.atomic_save`: a temporary file, fsync, os.replace).
 """
@@ -320,6 +321,9 @@ def import_dino_wm_checkpoint(path, num_frames: int | None = None, allow_classes
         inferred = _infer(model, num_frames)
     except (KeyError, ValueError, IndexError) as e:
         raise CompatError(f"{path}: unexpected DINO-WM model layout ({type(e).__name__}: {e})") from None
+    notes = [f"the head split is not in the weights: inner_dim {inferred['inner_dim']} = heads x dim_head; the "
+             f"original uses 16 x 64 (model.predictor_heads, model.predictor_dim_head); another split loads the "
+             f"same shapes but computes another model"]
     epoch = ckpt["epoch"]
     try:
         epoch = int(epoch.item() if isinstance(epoch, torch.Tensor) else epoch)
@@ -331,6 +335,7 @@ def import_dino_wm_checkpoint(path, num_frames: int | None = None, allow_classes
         "epoch": epoch,
         "model": model,
         "inferred": inferred,
+        "notes": notes,
     }
 
 
@@ -400,6 +405,8 @@ def import_vjepa2_ac_checkpoint(path) -> dict:
                           f"{missing or 'none'}, unexpected {unexpected or 'none'}, wrong shapes {wrong or 'none'}")
     notes.append("official checkpoints use the legacy RoPE angle layout: train/evaluate with "
                  "--model.rope_legacy true")
+    notes.append(f"the head count is not in the weights: the official predictor uses 16 heads "
+                 f"(model.ac_heads, default 16); another value loads the same shapes but computes another model")
     return {"format": CHECKPOINT_FORMAT, "source": str(path),
             "model": {f"predictor.{k}": v.contiguous() for k, v in state.items()},
             "inferred": inferred, "notes": notes}
