@@ -4,9 +4,10 @@
 
 - CUDA: cudnn.benchmark (the decoder's convolutions have fixed shapes: the fastest algorithm is picked once);
   TF32 for fp32 matmuls and convolutions unless training.tf32 = false.
-- The decoder's convolutions run on channels_last activations and weights (faster on every device
-  measured: bench/bench_decoder.py), and, under bf16 autocast on a CPU without bf16 instructions
-  (AVX-512 BF16 or AMX), in fp32, because there bf16 convolutions are emulated. Logged with the reason.
+- The decoder's convolutions run on channels_last activations and weights (measured faster on CPU,
+  bench/bench_decoder.py; on CUDA cuDNN's NHWC kernels are the tensor-core path), and, under bf16
+  autocast on a CPU without bf16 instructions (AVX-512 BF16 or AMX), in fp32, because there bf16
+  convolutions are emulated. Logged with the reason.
 
 `SavedTensors` measures what these choices (and activation checkpointing) cost in activation memory
 (bench/bench_memory.py).
@@ -49,8 +50,8 @@ def configure(model, device: torch.device, dtype: torch.dtype, tf32: bool = True
     decoder = getattr(model, "decoder", None)
     if decoder is None:
         return
-    # channels_last is faster on every device measured (bench/bench_decoder.py); the weights too: otherwise
-    # every call reorders them (and their casts)
+    # channels_last: measured faster on CPU (bench/bench_decoder.py), cuDNN's tensor-core layout on CUDA;
+    # the weights too: otherwise every call reorders them (and their casts)
     decoder.channels_last = True
     decoder.to(memory_format=torch.channels_last)
     decoder.fp32_convs, why = decoder_fp32_convs(device, dtype)

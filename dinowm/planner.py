@@ -251,7 +251,6 @@ class Planner:
         self.graphs = graphs
         self.dtype = dtype
         self.generator = torch.Generator(device="cpu").manual_seed(settings.seed)
-        self.latencies_ms: list[float] = []
 
     def _full(self, x: torch.Tensor) -> torch.Tensor:
         x = x.clamp(-self.s.action_clip, self.s.action_clip)
@@ -303,7 +302,6 @@ class Planner:
         trace = torch.stack(trace).tolist()  # the re-plan's one host read; trace[-1] is the best cost
         capture_ms = (self._capture_s() - captured) * 1e3  # first use of a shape: warm-up and CUDA-graph capture
         ms = (time.perf_counter() - t) * 1e3 - capture_ms
-        self.latencies_ms.append(ms)
         return {"actions": self._full(best[None])[0], "raw": best.clamp(-self.s.action_clip, self.s.action_clip),
                 "cost": trace[-1], "ms": ms, "capture_ms": capture_ms, "trace": trace}
 

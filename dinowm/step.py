@@ -208,10 +208,11 @@ class StepStats:
         if keys not in self._windows:
             self._windows[keys] = torch.zeros(3, len(keys), dtype=torch.float64, device=self.device)
         window = self._windows[keys]
-        counted = finite & torch.isfinite(values)  # a non-finite side value (no gradient) of an applied step too
+        value_finite = torch.isfinite(values)
+        counted = finite & value_finite  # a non-finite side value (no gradient) of an applied step too
         window[0] += torch.where(counted, values, 0.0)
         window[1] += counted
-        window[2] += ~torch.isfinite(values)
+        window[2] += ~value_finite
         skipped = (~finite).long()
         run = (self._skips[1] + 1) * skipped
         self._skips += torch.stack([skipped, run - self._skips[1], (run - self._skips[2]).clamp_min(0)])
