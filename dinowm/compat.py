@@ -281,6 +281,8 @@ def import_dino_wm_checkpoint(path, num_frames: int | None = None, allow_classes
     Raises CompatError with one line naming the file.
     """
     path = Path(path)
+    if num_frames is not None and num_frames < 1:
+        raise CompatError(f"--num-frames {num_frames} must be >= 1")
     if not path.is_file():
         raise CompatError(f"{path}: no such file")
     if _is_torchscript_archive(path):  # torch.load would hand it to torch.jit.load: its code would run
@@ -315,8 +317,6 @@ def import_dino_wm_checkpoint(path, num_frames: int | None = None, allow_classes
         if entry == "encoder":  # models.dino.DinoV2Encoder: base_model.<official DINOv2 keys>
             state = {k.removeprefix("base_model."): v for k, v in state.items()}
         model.update({f"{entry}.{k}": v for k, v in state.items()})
-    if num_frames is not None and num_frames < 1:
-        raise CompatError(f"--num-frames {num_frames} must be >= 1")
     try:
         inferred = _infer(model, num_frames)
     except (KeyError, ValueError, IndexError) as e:
@@ -405,8 +405,8 @@ def import_vjepa2_ac_checkpoint(path) -> dict:
                           f"{missing or 'none'}, unexpected {unexpected or 'none'}, wrong shapes {wrong or 'none'}")
     notes.append("official checkpoints use the legacy RoPE angle layout: train/evaluate with "
                  "--model.rope_legacy true")
-    notes.append(f"the head count is not in the weights: the official predictor uses 16 heads "
-                 f"(model.ac_heads, default 16); another value loads the same shapes but computes another model")
+    notes.append("the head count is not in the weights: the official predictor uses 16 heads "
+                 "(model.ac_heads, default 16); another value loads the same shapes but computes another model")
     return {"format": CHECKPOINT_FORMAT, "source": str(path),
             "model": {f"predictor.{k}": v.contiguous() for k, v in state.items()},
             "inferred": inferred, "notes": notes}
